@@ -223,7 +223,12 @@ def add_uint8_nhwc_input(
         )
     mean_a = np.asarray(mean, dtype=np.float64)
     std_a = np.asarray(std, dtype=np.float64)
-    if mean_a.shape != (3,) or std_a.shape != (3,) or not np.all(std_a > 0) or not np.all(np.isfinite(mean_a)):
+    if (
+        mean_a.shape != (3,)
+        or std_a.shape != (3,)
+        or not np.all(std_a > 0)
+        or not np.all(np.isfinite(mean_a))
+    ):
         raise PreprocessPassError(f"mean and std must be 3 finite values with std > 0; got {mean} / {std}")
     new_name = input_name or src.name
     if new_name != src.name and new_name in _all_names(graph):
@@ -329,7 +334,9 @@ def add_l2_normalize(
         )
     producers = [n for n in graph.node if target.name in n.output]
     if not producers:
-        raise PreprocessPassError(f"output {target.name!r} is not computed by a node (it is an input or constant)")
+        raise PreprocessPassError(
+            f"output {target.name!r} is not computed by a node (it is an input or constant)"
+        )
     if not (eps > 0 and np.isfinite(eps)):
         raise PreprocessPassError(f"eps must be a small positive number, got {eps}")
 
@@ -439,7 +446,9 @@ def copy_external_data(model: onnx.ModelProto, source_dir: str | Path, dest_dir:
         if dst.exists():
             if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
                 continue
-            raise FileExistsError(f"{dst} exists with different content; it would not match the model's weights")
+            raise FileExistsError(
+                f"{dst} exists with different content; it would not match the model's weights"
+            )
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
         os.close(fd)
@@ -454,7 +463,9 @@ def copy_external_data(model: onnx.ModelProto, source_dir: str | Path, dest_dir:
     return copied
 
 
-def save_model(model: onnx.ModelProto, out_path: str | Path, *, source_path: str | Path | None = None) -> Path:
+def save_model(
+    model: onnx.ModelProto, out_path: str | Path, *, source_path: str | Path | None = None
+) -> Path:
     """Save a model whose weights may be external references (loaded with load_external_data=False).
 
     The references are relative to the model file, so when `out_path` is in another directory than

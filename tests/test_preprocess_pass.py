@@ -98,7 +98,9 @@ def test_uint8_input_matches_float_model_with_preprocessing(opset: int) -> None:
 
 
 def test_uint8_metadata_carried_and_recorded() -> None:
-    new, res = add_uint8_nhwc_input(tiny_model(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0), input_name="images")
+    new, res = add_uint8_nhwc_input(
+        tiny_model(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0), input_name="images"
+    )
     md = {p.key: p.value for p in new.metadata_props}
     assert md["itae"] == '{"norm_source": "v"}'  # existing metadata kept
     rec = json.loads(md[UINT8_INPUT_KEY])
@@ -177,7 +179,10 @@ def test_l2_normalize_unit_rows(opset: int) -> None:
     got = run(new, x)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(got, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
-    assert json.loads({p.key: p.value for p in new.metadata_props}[L2_NORMALIZE_KEY])["output_name"] == "embedding"
+    assert (
+        json.loads({p.key: p.value for p in new.metadata_props}[L2_NORMALIZE_KEY])["output_name"]
+        == "embedding"
+    )
 
 
 def test_l2_zero_vector_stays_finite() -> None:
