@@ -1,0 +1,149 @@
+"""PNG figures: the histogram of patch-token lengths with the calibrated threshold, and per image the
+last block's CLS attention over the patch grid before and after ITAE, overlaid on the image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    plt = _pyplot()
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_norm_histogram(
+    lengths: np.ndarray,
+    out: str | Path,
+    *,
+    threshold: float | None = None,
+    title: str = "patch-token lengths, last block",
+    xlabel: str = "token length (log scale)",
+    bins: int = 120,
+    note: str | None = None,
+) -> Path:
+    """Histogram of the lengths on a log x axis and log count axis (the view where the artifact mode
+    shows), with the threshold as a vertical line."""
+    plt = _pyplot()
+    x = np.asarray(lengths, dtype=np.float64).ravel()
+    x = x[np.isfinite(x) & (x > 0)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if x.size:
+        lo, hi = x.min(), x.max()
+        edges = np.geomspace(lo, hi if hi > lo else lo * 1.01, bins + 1)
+        ax.hist(x, bins=edges, color="#4c72b0", alpha=0.85)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    if threshold is not None:
+        ax.axvline(threshold, color="#c44e52", lw=2, label=f"threshold {threshold:.4g}")
+        if x.size:
+            ax.legend(title=f"{(x > threshold).mean() * 100:.2f}% above")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("tokens")
+    ax.set_title(title)
+    if note:
+        ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=8)
+    return _save(fig, out)
+
+
+def cls_attention_map(cls_attn: np.ndarray, num_prefix_tokens: int, grid: tuple[int, int]) -> np.ndarray:
+    """[H, T] CLS-row attention of one image -> [gh, gw] mean over heads of the patch columns."""
+    a = np.asarray(cls_attn, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None]
+    gh, gw = grid
+    patches = a[:, num_prefix_tokens:]
+    if patches.shape[1] != gh * gw:
+        raise ValueError(f"{patches.shape[1]} patch columns do not fill a {gh}x{gw} grid")
+    return patches.mean(axis=0).reshape(gh, gw)
+
+
+def plot_attention_overlay(
+    image: np.ndarray,
+    before: np.ndarray,
+    after: np.ndarray,
+    out: str | Path,
+    *,
+    flagged: np.ndarray | None = None,
+    title: str = "",
+) -> Path:
+    """image uint8 [H, W, 3]; before/after [gh, gw] attention maps (one colour scale for both, so the
+    shift of attention is visible); flagged: optional bool [gh, gw] of the tokens ITAE attenuated."""
+    plt = _pyplot()
+    h, w = image.shape[:2]
+    vmax = float(max(before.max(), after.max()))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    axes[0].imshow(image)
+    axes[0].set_title("input (preprocessed)")
+    for ax, m, name in ((axes[1], before, "CLS attention, before ITAE"), (axes[2], after, "after ITAE")):
+        ax.imshow(image)
+        im = ax.imshow(
+            m, cmap="viridis", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest", vmin=0, vmax=vmax
+        )
+        ax.set_title(name)
+        if flagged is not None and flagged.any():
+            gh, gw = flagged.shape
+            ys, xs = np.nonzero(flagged)
+            ax.scatter(
+                (xs + 0.5) * w / gw,
+                (ys + 0.5) * h / gh,
+                marker="s",
+                s=30,
+                facecolors="none",
+                edgecolors="red",
+                lw=1,
+            )
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes[1:].tolist(), fraction=0.03, pad=0.02, label="attention (mean over heads)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, out)
+
+
+def attention_figures(
+    stats: dict, images: np.ndarray, out_dir: str | Path, *, names: list[str] | None = None
+) -> list[Path]:
+    """One PNG per image from itae_export.reference.last_block_stats output ("cls_attn_before"/"after"
+    [B,H,T], "flagged", "num_prefix_tokens", "grid") and the preprocessed images uint8 [B, H, W, 3]."""
+    out_dir = Path(out_dir)
+    npt = int(stats["num_prefix_tokens"])
+    grid = tuple(int(g) for g in stats["grid"])
+    flagged_all = np.asarray(stats.get("flagged")) if stats.get("flagged") is not None else None
+    paths = []
+    for b in range(images.shape[0]):
+        before = cls_attention_map(stats["cls_attn_before"][b], npt, grid)
+        after = cls_attention_map(stats["cls_attn_after"][b], npt, grid)
+        fl = None
+        if flagged_all is not None:
+            f = flagged_all[b]
+            f = f.any(axis=0) if f.ndim == 2 else f  # head scope: flagged in any head
+            fl = f[npt:].reshape(grid)
+        name = names[b] if names else f"image_{b:04d}"
+        n_flag = int(fl.sum()) if fl is not None else 0
+        paths.append(
+            plot_attention_overlay(
+                images[b],
+                before,
+                after,
+                out_dir / f"{name}.png",
+                flagged=fl,
+                title=f"{name}: {n_flag} tokens attenuated",
+            )
+        )
+    return paths
