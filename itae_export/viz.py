@@ -49,6 +49,12 @@ def plot_norm_histogram(
         ax.hist(x, bins=edges, color="#4c72b0", alpha=0.85)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     if threshold is not None:
         ax.axvline(threshold, color="#c44e52", lw=2, label=f"threshold {threshold:.4g}")
         if x.size:

@@ -1,0 +1,265 @@
+"""Embedding extraction with interchangeable backends, cached on disk.
+
+Backends: the PyTorch baseline (the embedder), the PyTorch ITAE reference
+(itae_export.reference.ITAEReference), ONNX Runtime on a given ONNX file, and TensorRT on a built engine
+(itae_export.runtime.make_runner). A cache entry is a pair `<stem>.npy` + `<stem>.json`; the JSON says
+how the embeddings were made (model and weights file digest, image size, preprocessing, backend and its
+file digests, ITAE settings, data set, split, count) and an entry is used only when that JSON equals the
+requested one exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, UsageError
+from .fileio import atomic_path, atomic_write_text
+
+CACHE_FORMAT = 1
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> dict:
+    """{"path", "size", "sha256"} of a file; memoised per (path, size, mtime) within the process."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return {"path": str(p), "size": st.st_size, "sha256": _DIGESTS[key]}
+
+
+def model_identity(
+    name: str,
+    *,
+    weights: str | Path | None,
+    random_weights: bool,
+    seed: int,
+    img_size: int,
+    depth: int | None = None,
+    resolved_weights: str | Path | None = None,
+) -> dict:
+    """What determines the PyTorch model's numbers: name, weights file digest (or the random seed), size."""
+    ident: dict = {"name": name, "img_size": img_size}
+    if random_weights:
+        ident["weights"] = {"random": True, "seed": seed}
+    else:
+        w = resolved_weights if resolved_weights is not None else weights
+        ident["weights"] = file_digest(w) if w is not None else None
+    if depth is not None:
+        ident["depth"] = depth
+    return ident
+
+
+def onnx_identity(path: str | Path) -> dict:
+    """Digests of an ONNX file and its external data files, and its metadata_props (where itae-export
+    records the ITAE settings it applied)."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--onnx {p} does not exist; pass a model written by itae-export")
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # a protobuf decode error means this is not an ONNX model
+        raise UsageError(f"--onnx {p} is not a readable ONNX model ({e})") from e
+    try:
+        from .export import onnx_files
+
+        files = onnx_files(p)
+    except ImportError:
+        files = [p]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UsageError(
+            f"--onnx {p} references external data {missing} that is missing; keep it beside the model"
+        )
+    return {
+        "files": [file_digest(f) for f in files],
+        "metadata": {kv.key: kv.value for kv in m.metadata_props},
+    }
+
+
+@dataclass
+class Backend:
+    """A named way of computing embeddings: run(x float32 [B,3,S,S]) -> [B, D]."""
+
+    name: str  # e.g. "torch-baseline", "torch-itae", "onnxruntime", "tensorrt"
+    kind: str  # torch | onnxruntime | tensorrt
+    run: Callable[[np.ndarray], np.ndarray]
+    identity: dict = field(default_factory=dict)  # what the cache key needs beyond model/data/preprocessing
+    itae: dict | None = None  # ITAE settings applied (None: baseline)
+
+
+def _torch_run(module) -> Callable[[np.ndarray], np.ndarray]:
+    try:
+        from .runtime import make_runner
+
+        return make_runner("torch", module).run
+    except ImportError:  # the runtime module is optional for the PyTorch backends
+        import torch
+
+        module.eval()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.from_numpy(np.ascontiguousarray(x))).float().cpu().numpy()
+
+        return run
+
+
+def torch_baseline_backend(embedder) -> Backend:
+    return Backend(
+        "torch-baseline", "torch", _torch_run(embedder), {"backend": "torch", "module": "embedder"}, None
+    )
+
+
+def torch_itae_backend(embedder, cfg) -> Backend:
+    from .reference import ITAEReference
+
+    ref = ITAEReference(embedder, cfg).eval()
+    return Backend(
+        "torch-itae", "torch", _torch_run(ref), {"backend": "torch", "module": "ITAEReference"}, cfg.to_dict()
+    )
+
+
+def onnx_backend(
+    path: str | Path, *, name: str = "onnxruntime", itae: dict | None = None, providers=None
+) -> Backend:
+    from .runtime import OrtRunner
+
+    ident = {
+        "backend": "onnxruntime",
+        "providers": list(providers) if providers else None,
+        "onnx": onnx_identity(path),
+    }
+    runner = OrtRunner(str(path), providers=providers)
+    return Backend(name, "onnxruntime", runner.run, ident, itae)
+
+
+def tensorrt_backend(engine_path: str | Path, *, name: str = "tensorrt", itae: dict | None = None) -> Backend:
+    from .runtime import make_runner
+
+    p = Path(engine_path)
+    if not p.is_file():
+        raise UsageError(f"--engine {p} does not exist; build one with itae-export --engine")
+    runner = make_runner("tensorrt", str(p))  # raises EngineError without TensorRT / a GPU
+    return Backend(name, "tensorrt", runner.run, {"backend": "tensorrt", "engine": file_digest(p)}, itae)
+
+
+def cache_meta(backend: Backend, model: dict, preprocess, dataset) -> dict:
+    """The exact description an embeddings cache entry must match."""
+    return {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "img_size": preprocess.img_size,
+        "preprocessing": preprocess.to_dict(),
+        "backend": backend.identity,
+        "itae": backend.itae,
+        "data": dataset.describe(),
+    }
+
+
+class EmbeddingCache:
+    def __init__(self, directory: str | Path | None):
+        self.dir = Path(directory) if directory is not None else None
+
+    def stem(self, meta: dict) -> Path:
+        assert self.dir is not None
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        d = meta["data"]
+        return self.dir / f"{d['dataset']}-{d['split']}-{meta['backend']['backend']}-{key}"
+
+    def get(self, meta: dict) -> tuple[np.ndarray | None, Path | None]:
+        if self.dir is None:
+            return None, None
+        stem = self.stem(meta)
+        js, npy = stem.with_suffix(".json"), stem.with_suffix(".npy")
+        if not (js.is_file() and npy.is_file()):
+            return None, None
+        try:
+            stored = json.loads(js.read_text())
+            # Round-trip the request through JSON so tuples/lists compare equal.
+            if stored != json.loads(json.dumps(meta)):
+                return None, None
+            emb = np.load(npy, allow_pickle=False)
+        except (OSError, ValueError):
+            return None, None  # damaged entry: recompute and overwrite
+        if emb.ndim != 2 or emb.shape[0] != meta["data"]["count"]:
+            return None, None
+        return emb, npy
+
+    def put(self, meta: dict, emb: np.ndarray) -> Path | None:
+        if self.dir is None:
+            return None
+        stem = self.stem(meta)
+        npy = stem.with_suffix(".npy")
+        with atomic_path(npy, suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, emb, allow_pickle=False)
+        # The JSON is written last: an entry without it is never read.
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return npy
+
+
+def compute_embeddings(
+    backend: Backend, dataset, preprocess, *, batch_size: int = 64, progress: bool = True, workers: int = 2
+) -> np.ndarray:
+    from .data import iter_batches
+
+    out: list[np.ndarray] = []
+    for x, _ in iter_batches(
+        dataset, preprocess, batch_size, progress=progress, desc=backend.name, workers=workers
+    ):
+        y = np.asarray(backend.run(x), dtype=np.float32)
+        if y.ndim != 2 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"backend {backend.name} returned shape {y.shape} for a batch of {x.shape[0]}; expected [B, D]"
+            )
+        out.append(y)
+    if not out:
+        raise DataError(f"data set {dataset.name} ({dataset.split}) has no images")
+    return np.concatenate(out)
+
+
+def get_embeddings(
+    backend: Backend,
+    dataset,
+    preprocess,
+    model: dict,
+    cache: EmbeddingCache,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    workers: int = 2,
+) -> tuple[np.ndarray, dict]:
+    """Embeddings from the cache when the description matches exactly, else computed (and stored).
+    Returns (embeddings [N, D], info with cached, seconds, images_per_s, cache_file)."""
+    meta = cache_meta(backend, model, preprocess, dataset)
+    emb, path = cache.get(meta)
+    if emb is not None:
+        return emb, {"cached": True, "seconds": 0.0, "images_per_s": None, "cache_file": str(path)}
+    t0 = time.perf_counter()
+    emb = compute_embeddings(
+        backend, dataset, preprocess, batch_size=batch_size, progress=progress, workers=workers
+    )
+    dt = time.perf_counter() - t0
+    path = cache.put(meta, emb)
+    return emb, {
+        "cached": False,
+        "seconds": dt,
+        "images_per_s": len(dataset) / dt if dt > 0 else None,
+        "cache_file": str(path) if path else None,
+    }

@@ -1,0 +1,607 @@
+"""`itae-eval` (k-means clustering of DINOv2 CLS features with and without ITAE, on PyTorch and on
+exported backends, with a Markdown + JSON report) and `itae-calibrate` (ITAE's absolute threshold at
+the valley of the patch-token length histogram, saved as a settings file for --settings)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ItaeError, OutputExistsError, UsageError
+
+# --------------------------------------------------------------------------------------------- options
+
+
+def _own_add_itae_args(parser: argparse.ArgumentParser) -> None:
+    """Stand-in for itae_export.cli.add_itae_args (used only when that is missing)."""
+    from graph_passes.config import ATTENUATIONS, DIRECTIONS, NORM_SCOPES, NORM_SOURCES, RELATIVE_STATS, ROWS
+
+    g = parser.add_argument_group(
+        "ITAE settings (default: the values in ITAE.md; --settings FILE first, flags override)"
+    )
+    g.add_argument("--settings", metavar="FILE", help="ITAE settings JSON (as written by itae-calibrate)")
+    g.add_argument(
+        "--norm-source", choices=NORM_SOURCES, default=None, help="which of q/k/v gives token lengths (v)"
+    )
+    g.add_argument(
+        "--norm-scope", choices=NORM_SCOPES, default=None, help="length over all heads (token) or per head"
+    )
+    g.add_argument(
+        "--direction", choices=DIRECTIONS, default=None, help="artifacts are longer (high) or shorter (low)"
+    )
+    g.add_argument(
+        "--threshold", type=float, default=None, help="absolute length threshold (from itae-calibrate)"
+    )
+    g.add_argument(
+        "--relative-threshold",
+        type=float,
+        default=None,
+        metavar="GAMMA",
+        help="per-image rule: GAMMA x mean patch length",
+    )
+    g.add_argument(
+        "--relative-stat", choices=RELATIVE_STATS, default=None, help="statistic of the relative rule (mean)"
+    )
+    g.add_argument(
+        "--attenuation",
+        choices=ATTENUATIONS,
+        default=None,
+        help="how flagged tokens are attenuated (min-logit)",
+    )
+    g.add_argument("--alpha", type=float, default=None, help="weight factor for --attenuation scale (0)")
+    g.add_argument(
+        "--rows", choices=ROWS, default=None, help="attenuate the CLS query row only (cls) or every row"
+    )
+
+
+def _own_itae_config_from_args(args: argparse.Namespace):
+    from graph_passes.config import ITAEConfig
+
+    data = ITAEConfig.from_file(args.settings).to_dict() if getattr(args, "settings", None) else {}
+    names = (
+        "norm_source",
+        "norm_scope",
+        "direction",
+        "threshold",
+        "relative_threshold",
+        "relative_stat",
+        "attenuation",
+        "alpha",
+        "rows",
+    )
+    over = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    # A rule given on the command line replaces the file's rule of the other kind (they are exclusive).
+    if "threshold" in over:
+        data.pop("relative_threshold", None)
+    if "relative_threshold" in over:
+        data.pop("threshold", None)
+    data.update(over)
+    return ITAEConfig.from_dict(data)
+
+
+def _itae_hooks():
+    """(add_itae_args, itae_config_from_args): the lead's shared definitions when present."""
+    try:
+        from . import cli
+
+        return cli.add_itae_args, cli.itae_config_from_args
+    except (ImportError, AttributeError):
+        return _own_add_itae_args, _own_itae_config_from_args
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="DINOv2 model name, e.g. dinov2_vitl14, dinov2_vitb14, dinov2_vits14_reg")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="official .pth or timm model.safetensors (default: look in the caches)",
+    )
+    w.add_argument(
+        "--random-weights", action="store_true", help="random weights (smoke tests; numbers mean nothing)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (0)")
+    p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)  # tests: a shallow random model
+    p.add_argument("--img-size", type=int, default=224, help="input size, multiple of 14 (224)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, default_limit: int | None) -> None:
+    from .data import DATASETS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, choices=DATASETS)
+    g.add_argument("--data-root", metavar="DIR", help="folder holding the data set in its release layout")
+    g.add_argument(
+        "--split", default=None, help="test (default; tiny-imagenet: val; digits: all), train, ..."
+    )
+    g.add_argument(
+        "--coarse",
+        action="store_true",
+        help="CIFAR-100: the 20 coarse superclasses instead of the 100 fine classes",
+    )
+    g.add_argument("--limit", type=int, default=default_limit, help="use a seeded random subset of N images")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the --limit subset (0)")
+    g.add_argument(
+        "--resize",
+        choices=("shorter", "square"),
+        default="shorter",
+        help="resize the shorter side (keeps aspect) or both sides",
+    )
+    g.add_argument(
+        "--resize-size",
+        type=int,
+        default=None,
+        help="resize target before the centre crop (round(img_size*256/224))",
+    )
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load_data(args):
+    from .data import Preprocess, load_dataset
+
+    t0 = time.perf_counter()
+    ds = load_dataset(args.dataset, args.data_root, args.split, coarse=args.coarse).subset(
+        args.limit, args.subset_seed
+    )
+    pre = Preprocess(
+        img_size=args.img_size,
+        resize=args.resize,
+        resize_size=args.resize_size,
+        interpolation=args.interpolation,
+    )
+    return ds, pre, time.perf_counter() - t0
+
+
+def _build(args):
+    from .embed import model_identity
+    from .models import build_model, find_weights, get_spec
+
+    t0 = time.perf_counter()
+    embedder = build_model(
+        args.model,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        seed=args.seed,
+        img_size=args.img_size,
+        depth=args.depth,
+    )
+    resolved = None if args.random_weights else (args.weights or find_weights(get_spec(args.model)))
+    ident = model_identity(
+        args.model,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        seed=args.seed,
+        img_size=args.img_size,
+        depth=args.depth,
+        resolved_weights=resolved,
+    )
+    return embedder, ident, time.perf_counter() - t0
+
+
+def _environment() -> dict:
+    import sklearn
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__}
+    env["torch_threads"] = torch.get_num_threads()
+    env["sklearn"] = sklearn.__version__
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _run_cli(fn, argv) -> int:
+    from graph_passes.config import ConfigError
+
+    try:
+        return fn(argv)
+    except (ItaeError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+# ------------------------------------------------------------------------------------------- itae-eval
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="itae-eval",
+        description="k-means clustering of DINOv2 CLS features, baseline vs ITAE, on PyTorch and exported backends; "
+        "writes report.md and report.json.",
+    )
+    _add_model_args(p)
+    _add_data_args(p, default_limit=None)
+    b = p.add_argument_group("backends (PyTorch baseline and ITAE always run)")
+    b.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="ITAE ONNX from itae-export: also run it on ONNX Runtime and compare with PyTorch ITAE",
+    )
+    b.add_argument(
+        "--onnx-baseline",
+        metavar="FILE",
+        help="baseline ONNX (no ITAE): run it and compare with the PyTorch baseline",
+    )
+    b.add_argument(
+        "--engine",
+        metavar="FILE",
+        help="TensorRT engine of the ITAE model: run it and compare with PyTorch ITAE",
+    )
+    b.add_argument(
+        "--ort-providers", default=None, help="comma-separated ONNX Runtime providers (default: CPU)"
+    )
+    k = p.add_argument_group("k-means")
+    k.add_argument(
+        "--n-clusters", type=int, default=None, help="number of clusters (default: number of classes)"
+    )
+    k.add_argument("--kmeans-seed", type=int, default=0, help="k-means random_state (0)")
+    k.add_argument("--n-init", type=int, default=10, help="k-means restarts; the best inertia wins (10)")
+    k.add_argument(
+        "--normalize",
+        choices=("none", "l2"),
+        default="none",
+        help="L2-normalise embeddings before k-means (none)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--report-dir", required=True, metavar="DIR", help="where report.md, report.json and figures go"
+    )
+    o.add_argument("--cache-dir", metavar="DIR", help="embeddings cache (default: REPORT_DIR/embeddings)")
+    o.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
+    o.add_argument(
+        "--viz",
+        type=int,
+        default=4,
+        metavar="N",
+        help="attention figures for the first N images, 0 for none (4)",
+    )
+    o.add_argument("--force", action="store_true", help="overwrite an existing report in REPORT_DIR")
+    _itae_hooks()[0](p)
+    return p
+
+
+def _check_onnx_settings(onnx_ident: dict, cfg_dict: dict | None, flag: str) -> None:
+    """Refuse an ONNX whose recorded ITAE settings differ from the ones PyTorch is run with: the
+    comparison would measure the settings, not the backend."""
+    meta = onnx_ident.get("metadata", {})
+    raw = meta.get("itae")
+    if raw is None:
+        return
+    try:
+        recorded = json.loads(raw)
+    except json.JSONDecodeError:
+        return
+    if isinstance(recorded, dict) and "itae" in recorded:
+        recorded = recorded["itae"]
+    if recorded != cfg_dict:
+        raise UsageError(
+            f"{flag} was exported with ITAE settings {recorded}, but this run uses {cfg_dict}; "
+            "pass the same settings (e.g. --settings FILE used for the export) or the matching model"
+        )
+
+
+def eval_command(argv: list[str] | None) -> int:
+    from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
+    from .embed import (
+        EmbeddingCache,
+        get_embeddings,
+        onnx_backend,
+        tensorrt_backend,
+        torch_baseline_backend,
+        torch_itae_backend,
+    )
+    from .fileio import atomic_write_text
+
+    t_start = time.perf_counter()
+    args = build_eval_parser().parse_args(argv)
+    report_dir = Path(args.report_dir)
+    json_path, md_path = report_dir / "report.json", report_dir / "report.md"
+    if not args.force:
+        for p in (json_path, md_path):
+            if p.exists():
+                raise OutputExistsError(
+                    f"{p} already exists; pass --force to overwrite it or choose another --report-dir"
+                )
+    cfg = _itae_hooks()[1](args)
+    km_settings = KMeansSettings(
+        n_clusters=args.n_clusters, seed=args.kmeans_seed, n_init=args.n_init, normalize=args.normalize
+    )
+    ds, pre, t_data = _load_data(args)
+    embedder, model_ident, t_model = _build(args)
+    progress = not args.no_progress
+
+    backends = [torch_baseline_backend(embedder), torch_itae_backend(embedder, cfg)]
+    compare_to = {}
+    providers = args.ort_providers.split(",") if args.ort_providers else None
+    if args.onnx_baseline:
+        be = onnx_backend(args.onnx_baseline, name="onnxruntime-baseline", itae=None, providers=providers)
+        _check_onnx_settings(be.identity["onnx"], None, "--onnx-baseline")
+        backends.append(be)
+        compare_to[be.name] = "torch-baseline"
+    if args.onnx:
+        be = onnx_backend(args.onnx, name="onnxruntime-itae", itae=cfg.to_dict(), providers=providers)
+        _check_onnx_settings(be.identity["onnx"], cfg.to_dict(), "--onnx")
+        backends.append(be)
+        compare_to[be.name] = "torch-itae"
+    if args.engine:
+        be = tensorrt_backend(args.engine, name="tensorrt-itae", itae=cfg.to_dict())
+        backends.append(be)
+        compare_to[be.name] = "torch-itae"
+
+    cache = EmbeddingCache(None if args.no_cache else (args.cache_dir or report_dir / "embeddings"))
+    runs: dict[str, dict] = {}
+    embs: dict[str, np.ndarray] = {}
+    assigns: dict[str, np.ndarray] = {}
+    for be in backends:
+        emb, info = get_embeddings(
+            be,
+            ds,
+            pre,
+            model_ident,
+            cache,
+            batch_size=args.batch_size,
+            progress=progress,
+            workers=args.workers,
+        )
+        assign, km_info = kmeans(emb, km_settings, ds.num_classes)
+        metrics = clustering_metrics(ds.labels, assign)
+        embs[be.name], assigns[be.name] = emb, assign
+        runs[be.name] = {
+            "backend": be.kind,
+            "itae": be.itae,
+            "metrics": metrics,
+            "embedding": {"dim": int(emb.shape[1]), **info},
+            "kmeans": km_info,
+            "identity": be.identity,
+        }
+        took = "cached" if info["cached"] else f"{info['seconds']:.1f} s"
+        print(
+            f"{be.name:22s} ACC {_pct(metrics['acc'])}  NMI {_pct(metrics['nmi'])}  ARI {_pct(metrics['ari'])}  ({took})",
+            file=sys.stderr,
+        )
+    agreement = {
+        f"{name} vs {ref}": backend_agreement(embs[ref], embs[name], assigns[ref], assigns[name])
+        for name, ref in compare_to.items()
+    }
+    delta = {
+        m: runs["torch-itae"]["metrics"][m] - runs["torch-baseline"]["metrics"][m]
+        for m in ("acc", "nmi", "ari")
+    }
+
+    figures = _eval_figures(args, embedder, ds, pre, cfg, report_dir) if args.viz > 0 else []
+    report = {
+        "tool": "itae-eval",
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model_ident,
+        "dataset": ds.describe(),
+        "preprocessing": {**pre.to_dict(), "description": pre.describe()},
+        "kmeans": km_settings.to_dict(),
+        "itae": cfg.to_dict(),
+        "runs": runs,
+        "itae_minus_baseline": delta,
+        "agreement": agreement,
+        "figures": [str(p.relative_to(report_dir)) for p in figures],
+        "timings": {
+            "load_data_s": t_data,
+            "build_model_s": t_model,
+            "total_s": time.perf_counter() - t_start,
+        },
+        "environment": _environment(),
+    }
+    atomic_write_text(json_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(md_path, render_eval_markdown(report))
+    print(f"report: {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path) -> list[Path]:
+    """Attention before/after ITAE for the first --viz images, and their patch-length histogram."""
+    import torch
+
+    from .reference import last_block_stats
+    from .viz import attention_figures, plot_norm_histogram
+
+    n = min(args.viz, len(ds))
+    x = np.stack([pre(ds.load(i)) for i in range(n)])
+    st = last_block_stats(embedder, torch.from_numpy(x), cfg)
+    images = np.stack([pre.denormalize(xi) for xi in x])
+    names = [
+        f"{ds.name}_{i:05d}_{ds.classes[ds.labels[i]]}".replace("/", "_").replace(" ", "_") for i in range(n)
+    ]
+    paths = attention_figures(st, images, report_dir / "attention", names=names)
+    npt = int(st["num_prefix_tokens"])
+    lengths = np.asarray(st["norms"])[..., npt:].ravel()
+    paths.append(
+        plot_norm_histogram(
+            lengths,
+            report_dir / "norm_histogram.png",
+            threshold=cfg.threshold,
+            title=f"{args.model}: {cfg.norm_source} lengths of patch tokens, last block ({n} images)",
+        )
+    )
+    return paths
+
+
+def render_eval_markdown(r: dict) -> str:
+    m, d, pre, km = r["model"], r["dataset"], r["preprocessing"], r["kmeans"]
+    w = m["weights"]
+    weights = (
+        f"random (seed {w['seed']})"
+        if w and w.get("random")
+        else (f"{w['path']} (sha256 {w['sha256'][:12]}...)" if w else "n/a")
+    )
+    lines = [
+        f"# itae-eval: {m['name']} on {d['dataset']} ({d['split']})",
+        "",
+        f"Command: `itae-eval {' '.join(r['argv'])}`  ",
+        f"Created: {r['created']}",
+        "",
+        "## Clustering (k-means on the final-norm CLS embedding)",
+        "",
+        "| run | backend | ACC % | NMI % | ARI % | embed s | img/s | cached |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, run in r["runs"].items():
+        e, mt = run["embedding"], run["metrics"]
+        ips = f"{e['images_per_s']:.1f}" if e.get("images_per_s") else "-"
+        lines.append(
+            f"| {name} | {run['backend']} | {_pct(mt['acc'])} | {_pct(mt['nmi'])} | {_pct(mt['ari'])} | "
+            f"{e['seconds']:.1f} | {ips} | {'yes' if e['cached'] else 'no'} |"
+        )
+    dl = r["itae_minus_baseline"]
+    lines += [
+        "",
+        f"ITAE - baseline (PyTorch): ACC {100 * dl['acc']:+.2f}, NMI {100 * dl['nmi']:+.2f}, ARI {100 * dl['ari']:+.2f} points.",
+        "",
+    ]
+    if r["agreement"]:
+        lines += [
+            "## Backend agreement",
+            "",
+            "| comparison | cos mean | cos min | max abs | mean abs | ARI of assignments | matched assignment rate |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, a in r["agreement"].items():
+            lines.append(
+                f"| {name} | {a['cos_mean']:.7f} | {a['cos_min']:.7f} | {a['max_abs']:.3g} | {a['mean_abs']:.3g} | "
+                f"{a['assignment_ari']:.5f} | {a['assignment_acc']:.5f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Settings",
+        "",
+        f"- model: {m['name']}, image size {m['img_size']}"
+        + (f", depth {m['depth']}" if "depth" in m else "")
+        + f", weights {weights}",
+        f"- data: {d['dataset']}, split {d['split']}, {d['count']} images, {d['num_classes']} classes, root {d['root']}"
+        + (f", labels {d['labels']}" if "labels" in d else "")
+        + (f", seeded subset {d['subset']}" if "subset" in d else ""),
+        f"- preprocessing: {pre['description']}",
+        f"- k-means: sklearn KMeans, k = {km['n_clusters'] or 'number of classes'}, n_init {km['n_init']}, seed {km['seed']}, "
+        f"max_iter {km['max_iter']}, normalisation {km['normalize']}",
+        "- metrics: ACC with Hungarian matching (scipy linear_sum_assignment), NMI (sklearn, arithmetic mean), ARI (sklearn)",
+        f"- ITAE: `{json.dumps(r['itae'], sort_keys=True)}`",
+        "",
+        "## Timings",
+        "",
+        f"- load data {r['timings']['load_data_s']:.1f} s, build model {r['timings']['build_model_s']:.1f} s, "
+        f"total {r['timings']['total_s']:.1f} s; k-means: "
+        + ", ".join(f"{n} {run['kmeans']['seconds']:.1f} s" for n, run in r["runs"].items()),
+        f"- environment: {json.dumps(r['environment'], sort_keys=True)}",
+        "",
+    ]
+    if r["figures"]:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in r["figures"]] + [""]
+    return "\n".join(lines)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return _run_cli(eval_command, argv)
+
+
+# -------------------------------------------------------------------------------------- itae-calibrate
+
+
+def build_calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="itae-calibrate",
+        description="Find ITAE's absolute threshold at the valley of the histogram of patch-token lengths in the last "
+        "block, and save it as a settings file for --settings.",
+    )
+    _add_model_args(p)
+    _add_data_args(p, default_limit=1000)
+    c = p.add_argument_group("calibration")
+    c.add_argument("--out", required=True, metavar="FILE", help="settings JSON to write")
+    c.add_argument("--plot", metavar="PNG", help="histogram figure (default: FILE with .png)")
+    c.add_argument("--bins", type=int, default=None, help="histogram bins (sqrt(N) clipped to 20..200)")
+    c.add_argument("--smooth", type=float, default=2.0, help="Gaussian smoothing, in bins (2)")
+    c.add_argument(
+        "--min-prominence",
+        type=float,
+        default=0.1,
+        help="a mode counts if its prominence is >= this x the tallest peak (0.1)",
+    )
+    c.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _itae_hooks()[0](p)
+    return p
+
+
+def calibrate_command(argv: list[str] | None) -> int:
+    from .calibrate import (
+        calibrated_config,
+        check_lengths,
+        collect_patch_lengths,
+        find_valley_threshold,
+        length_summary,
+        write_settings,
+    )
+    from .errors import DataError
+    from .fileio import check_output_path
+    from .viz import plot_norm_histogram
+
+    args = build_calibrate_parser().parse_args(argv)
+    out = check_output_path(args.out, force=args.force, inputs=(args.settings, args.weights))
+    plot = check_output_path(
+        args.plot or Path(args.out).with_suffix(".png"),
+        force=args.force,
+        inputs=(args.settings, args.weights),
+    )
+    cfg = _itae_hooks()[1](args)
+    ds, pre, _ = _load_data(args)
+    embedder, model_ident, _ = _build(args)
+    lengths, info = collect_patch_lengths(
+        embedder, ds, pre, cfg, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    check_lengths(lengths, f"{ds.name} ({ds.split})")
+    res = find_valley_threshold(
+        lengths, bins=args.bins, smooth=args.smooth, min_prominence=args.min_prominence
+    )
+    title = f"{args.model}: {cfg.norm_source} lengths ({cfg.norm_scope} scope), patch tokens, last block"
+    plot_norm_histogram(
+        lengths, plot, threshold=res.threshold, title=title, note=None if res.found else "no valley found"
+    )
+    print(f"histogram: {plot}", file=sys.stderr)
+    if not res.found:
+        raise DataError(
+            f"{res.message} (calibration set: {ds.name} {ds.split}, {len(ds)} images); no settings written"
+        )
+    calibration = {
+        "method": res.method,
+        "threshold": res.threshold,
+        "result": res.to_dict(),
+        "lengths": length_summary(lengths, res.threshold, cfg.direction),
+        "model": model_ident,
+        "dataset": ds.describe(),
+        "preprocessing": pre.to_dict(),
+        "num_prefix_tokens": info["num_prefix_tokens"],
+        "grid": info["grid"],
+        "seconds": info["seconds"],
+        "histogram_png": str(plot),
+    }
+    new_cfg = calibrated_config(cfg, res.threshold)
+    write_settings(out, new_cfg, calibration)
+    frac = calibration["lengths"].get("fraction_flagged", 0.0)
+    print(f"{res.message}; {100 * frac:.3f}% of patch tokens flagged; settings: {out}", file=sys.stderr)
+    return 0
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    return _run_cli(calibrate_command, argv)
