@@ -1,0 +1,909 @@
+"""Triton Inference Server model repositories, and the deployment graph options.
+
+Layout written (https://github.com/triton-inference-server/server, docs/user_guide/model_repository.md):
+
+    REPO/NAME/config.pbtxt
+    REPO/NAME/<version>/model.onnx (+ its external .data file(s))   platform onnxruntime_onnx
+    REPO/NAME/<version>/model.plan (a TensorRT engine)               platform tensorrt_plan
+    REPO/NAME/<version>/itae_export.json                             provenance (ignored by Triton)
+
+Input/output names, types and dims come from the model itself (ONNX graph, or the engine's JSON
+sidecar). An existing version is never touched: each call adds the next version number. An existing
+config.pbtxt is kept when it describes the same IO and refused (DeployError) otherwise.
+
+Graph options (--input-format uint8-nhwc, --l2-normalize) rewrite the ONNX graph with
+graph_passes.preprocess. They must be applied BEFORE a TensorRT engine is built from the ONNX, so the
+`itae-export` CLI calls :func:`apply_graph_options` between the ITAE pass and the engine build, and
+:func:`deploy_from_cli` at the end. ``python -m itae_export.triton MODEL --triton-repo DIR`` deploys an
+existing ONNX file (applying the options in the copy it deploys) or engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DeployError, ItaeError, UsageError
+from .fileio import atomic_write_text
+
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
+INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
+INPUT_FORMATS = ("float32-nchw", "uint8-nhwc")
+DEFAULT_MAX_BATCH = 8
+PROVENANCE_FILE = "itae_export.json"
+_MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+_ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+# ONNX TensorProto data type names -> Triton's DataType enum names
+_ONNX_TO_TRITON = {
+    "FLOAT": "TYPE_FP32",
+    "FLOAT16": "TYPE_FP16",
+    "BFLOAT16": "TYPE_BF16",
+    "DOUBLE": "TYPE_FP64",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "BOOL": "TYPE_BOOL",
+    "STRING": "TYPE_STRING",
+}
+# spellings an engine sidecar may use (numpy names, TensorRT enum names) -> Triton
+_DTYPE_ALIASES = {
+    "float32": "TYPE_FP32", "float": "TYPE_FP32", "fp32": "TYPE_FP32",
+    "float16": "TYPE_FP16", "half": "TYPE_FP16", "fp16": "TYPE_FP16",
+    "bfloat16": "TYPE_BF16", "bf16": "TYPE_BF16",
+    "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+    "bool": "TYPE_BOOL",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str  # Triton enum name, e.g. TYPE_FP32
+    shape: tuple[int, ...]  # full shape, -1 for a dynamic dim (batch included)
+
+    def config_dims(self, max_batch: int) -> tuple[int, ...]:
+        # with max_batch_size > 0, Triton's dims leave out the batch dim
+        return self.shape[1:] if max_batch > 0 else self.shape
+
+
+@dataclass
+class TritonRepoResult:
+    model_dir: Path
+    config_path: Path
+    version: int
+    version_dir: Path
+    platform: str
+    max_batch: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    config_written: bool  # False: an existing compatible config.pbtxt was kept
+    files: list[Path] = field(default_factory=list)
+    graph_options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("model_dir", "config_path", "version_dir"):
+            d[k] = str(d[k])
+        d["files"] = [str(f) for f in self.files]
+        return d
+
+    def summary(self) -> str:
+        cfg = "written" if self.config_written else "kept (compatible)"
+        lines = [
+            f"Triton: {self.model_dir.name} version {self.version} ({self.platform}, max_batch_size "
+            f"{self.max_batch}) in {self.version_dir}; config.pbtxt {cfg}",
+            "  inputs:  " + ", ".join(f"{t.name} {t.data_type} {list(t.shape)}" for t in self.inputs),
+            "  outputs: " + ", ".join(f"{t.name} {t.data_type} {list(t.shape)}" for t in self.outputs),
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ graph options
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    input_format: str | None = None  # None: as the model is; "uint8-nhwc" adds the uint8 input
+    l2_normalize: bool = False
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.input_format not in (None, *INPUT_FORMATS):
+            raise UsageError(
+                f"--input-format {self.input_format!r}: choose one of {', '.join(INPUT_FORMATS)}"
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GraphOptions:
+        return cls(getattr(args, "input_format", None), bool(getattr(args, "l2_normalize", False)))
+
+    @property
+    def any(self) -> bool:
+        return self.input_format == "uint8-nhwc" or self.l2_normalize
+
+
+def apply_graph_options_proto(model, opts: GraphOptions):
+    """Apply `opts` to an onnx.ModelProto (weights may be unloaded) -> (model, {pass: result dict}).
+
+    Idempotent: a pass already recorded in the model's metadata is not applied again, and an explicit
+    float32-nchw request on a model that already takes uint8 is refused.
+    """
+    from graph_passes.preprocess import (
+        L2_NORMALIZE_KEY,
+        UINT8_INPUT_KEY,
+        PreprocessPassError,
+        add_l2_normalize,
+        add_uint8_nhwc_input,
+        applied_passes,
+    )
+
+    done = applied_passes(model)
+    record: dict[str, Any] = {}
+    try:
+        if opts.input_format == "uint8-nhwc":
+            if UINT8_INPUT_KEY in done:
+                record["uint8_nhwc_input"] = {**done[UINT8_INPUT_KEY], "already_applied": True}
+            else:
+                model, res = add_uint8_nhwc_input(model, opts.mean, opts.std)
+                record["uint8_nhwc_input"] = res.to_dict()
+        elif opts.input_format == "float32-nchw" and UINT8_INPUT_KEY in done:
+            raise UsageError(
+                "--input-format float32-nchw: this model already takes uint8 NHWC pixels "
+                "(built with --input-format uint8-nhwc); drop the flag or deploy the float model"
+            )
+        if opts.l2_normalize:
+            if L2_NORMALIZE_KEY in done:
+                record["l2_normalize"] = {**done[L2_NORMALIZE_KEY], "already_applied": True}
+            else:
+                model, res = add_l2_normalize(model)
+                record["l2_normalize"] = res.to_dict()
+    except PreprocessPassError as e:
+        flag = "--l2-normalize" if "normalis" in str(e) or "output" in str(e) else "--input-format uint8-nhwc"
+        raise UsageError(f"{flag}: {e}") from e
+    return model, record
+
+
+def apply_graph_options(
+    onnx_path_in: str | Path, onnx_path_out: str | Path, args: argparse.Namespace | GraphOptions
+) -> Path:
+    """Apply --input-format / --l2-normalize to an ONNX file; return the ONNX path to use from now on.
+
+    Returns `onnx_path_in` (nothing written) when no option asks for a change or the graph already
+    has them (recorded in its metadata). Otherwise
+    writes `onnx_path_out` (weights are not loaded: if it sits in another directory the external
+    .data files are copied beside it; put it beside the input to share them). Call it after the ITAE
+    pass and before building a TensorRT engine, then build the engine from the returned path.
+    """
+    import onnx
+
+    from graph_passes.preprocess import save_model
+
+    opts = args if isinstance(args, GraphOptions) else GraphOptions.from_args(args)
+    src = Path(onnx_path_in)
+    if not opts.any and opts.input_format is None:
+        return src
+    out = Path(onnx_path_out)
+    if out.resolve() == src.resolve():
+        raise UsageError(f"graph options: the output {out} is the input ONNX; inputs are never modified")
+    model = onnx.load(str(src), load_external_data=False)
+    model, record = apply_graph_options_proto(model, opts)
+    if all(r.get("already_applied") for r in record.values()):
+        return src  # nothing changed (options absent or already in the graph)
+    try:
+        return save_model(model, out, source_path=src)
+    except (FileNotFoundError, FileExistsError) as e:
+        raise DeployError(f"writing {out}: {e}") from e
+
+
+def verify_graph_options(
+    onnx_before: str | Path, onnx_after: str | Path, *, batch: int = 2, seed: int = 0
+) -> dict[str, float]:
+    """ONNX Runtime check that `onnx_after` == `onnx_before` fed the same pixels normalised in NumPy
+    (float64) and, if applied, L2-normalised in NumPy. Returns max_abs and cos_min."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from graph_passes.preprocess import L2_NORMALIZE_KEY, UINT8_INPUT_KEY, applied_passes
+
+    after_model = onnx.load(str(onnx_after), load_external_data=False)
+    before_model = onnx.load(str(onnx_before), load_external_data=False)
+    done = {k: v for k, v in applied_passes(after_model).items() if k not in applied_passes(before_model)}
+    providers = ["CPUExecutionProvider"]
+    s_before = ort.InferenceSession(str(onnx_before), providers=providers)
+    s_after = ort.InferenceSession(str(onnx_after), providers=providers)
+    rng = np.random.default_rng(seed)
+    i_after = s_after.get_inputs()[0]
+    if UINT8_INPUT_KEY in done:
+        rec = done[UINT8_INPUT_KEY]
+        h, w = rec["height"], rec["width"]
+        px = rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
+        mean = np.reshape(rec["mean"], (1, 3, 1, 1))
+        std = np.reshape(rec["std"], (1, 3, 1, 1))
+        x_before = (px.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std
+        x_after = px
+    else:
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in s_before.get_inputs()[0].shape]
+        x_before = rng.normal(size=shape)
+        x_after = None
+    dt = np.float16 if "float16" in s_before.get_inputs()[0].type else np.float32
+    x_before = x_before.astype(dt)
+    if x_after is None:
+        x_after = x_before
+    ref = s_before.run(None, {s_before.get_inputs()[0].name: x_before})[0].astype(np.float64)
+    got = s_after.run(None, {i_after.name: x_after})[0].astype(np.float64)
+    if L2_NORMALIZE_KEY in done:
+        ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), done[L2_NORMALIZE_KEY]["eps"])
+    cos = np.sum(ref * got, axis=-1) / np.maximum(
+        np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1), 1e-30
+    )
+    return {"max_abs": float(np.max(np.abs(ref - got))), "cos_min": float(np.min(cos))}
+
+
+# --------------------------------------------------------------------------------------- reading IO
+
+
+def _onnx_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+
+    def spec(vi, kind: str) -> TensorSpec:
+        tt = vi.type.tensor_type
+        name = onnx.TensorProto.DataType.Name(tt.elem_type) if vi.type.HasField("tensor_type") else "?"
+        if name not in _ONNX_TO_TRITON:
+            raise DeployError(f"ONNX {kind} {vi.name!r} has type {name}, which Triton cannot serve")
+        if not tt.HasField("shape"):
+            raise DeployError(f"ONNX {kind} {vi.name!r} has no shape; Triton's config needs its rank")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+        return TensorSpec(vi.name, _ONNX_TO_TRITON[name], dims)
+
+    inits = {t.name for t in model.graph.initializer}
+    outputs = list(model.graph.output)
+    if any(not o.type.tensor_type.HasField("shape") for o in outputs):
+        # weights stay unloaded: inference only needs the initializers' dims
+        inferred = onnx.shape_inference.infer_shapes(model)
+        outputs = list(inferred.graph.output)
+    ins = [spec(v, "input") for v in model.graph.input if v.name not in inits]
+    return ins, [spec(v, "output") for v in outputs]
+
+
+def find_engine_sidecar(engine_path: str | Path) -> Path | None:
+    """The JSON written beside an engine: `model.engine` -> `model.engine.json` (also X.plan.json)."""
+    p = Path(engine_path)
+    for cand in (p.with_name(p.name + ".json"), p.with_name(p.stem + ".engine.json"), p.with_suffix(".json")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _sidecar_dtype(value: Any, where: str) -> str:
+    s = str(value).strip()
+    if s.upper() in _ONNX_TO_TRITON.values():
+        return s.upper()
+    s = s.lower().removeprefix("datatype.").removeprefix("torch.").removeprefix("np.")
+    if s.upper() in _ONNX_TO_TRITON:
+        return _ONNX_TO_TRITON[s.upper()]
+    if s in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[s]
+    raise DeployError(f"{where}: unknown data type {value!r}")
+
+
+def _cc_string(value: Any) -> str | None:
+    """'8.6', [8, 6], 86, 'sm_86' -> '8.6' (the key format of Triton's cc_model_filenames)."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return f"{int(value[0])}.{int(value[1])}"
+    s = str(value).lower().removeprefix("sm_").removeprefix("sm")
+    if re.fullmatch(r"\d+\.\d+", s):
+        return s
+    if re.fullmatch(r"\d{2,3}", s):
+        return f"{s[:-1]}.{s[-1]}"
+    return None
+
+
+def read_engine_sidecar(path: Path) -> dict[str, Any]:
+    """IO, compute capability and profile max batch from an engine's JSON sidecar.
+
+    Accepted: {"inputs": [{"name", "dtype", "shape", optional "max_shape"}], "outputs": [...],
+    "compute_capability": "8.6" | [8, 6], "device_name", "tensorrt_version", "max_batch"}; the IO
+    lists may also sit under "io", or be given as {"name": {...}} maps.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DeployError(f"engine sidecar {path} is not readable JSON ({e}); rebuild the engine") from e
+    io_root = data.get("io", data)
+
+    def specs(kind: str) -> tuple[list[TensorSpec], list[int]]:
+        items = io_root.get(kind)
+        if isinstance(items, dict):
+            items = [{"name": k, **v} for k, v in items.items()]
+        if not items:
+            raise DeployError(f"engine sidecar {path} lists no {kind}; rebuild the engine with itae-export")
+        out, max_batches = [], []
+        for it in items:
+            shape = it.get("shape")
+            if "name" not in it or shape is None:
+                raise DeployError(f"engine sidecar {path}: each of {kind} needs 'name' and 'shape'")
+            dtype = _sidecar_dtype(it.get("dtype", it.get("data_type")), f"{path} {kind} {it['name']}")
+            out.append(TensorSpec(it["name"], dtype, tuple(int(d) for d in shape)))
+            if it.get("max_shape"):
+                max_batches.append(int(it["max_shape"][0]))
+            elif isinstance(it.get("profile"), dict) and it["profile"].get("max"):
+                max_batches.append(int(it["profile"]["max"][0]))
+        return out, max_batches
+
+    ins, mb = specs("inputs")
+    outs, _ = specs("outputs")
+    max_batch = data.get("max_batch", min(mb) if mb else None)
+    cc = _cc_string(data.get("compute_capability") or data.get("cc") or data.get("sm"))
+    return {
+        "inputs": ins,
+        "outputs": outs,
+        "compute_capability": cc,
+        "device_name": data.get("device_name") or data.get("device") or data.get("gpu"),
+        "tensorrt_version": data.get("tensorrt_version") or data.get("trt_version"),
+        "max_batch": int(max_batch) if max_batch is not None else None,
+        "raw": data,
+    }
+
+
+def _engine_info_from_tensorrt(path: Path) -> dict[str, Any]:
+    """Without a sidecar, ask TensorRT (needs TensorRT and a GPU)."""
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - optional
+    except Exception as e:  # noqa: BLE001 - any import failure means the same thing here
+        raise DeployError(
+            f"{path}: no JSON sidecar ({path.name}.json) and TensorRT is not importable ({e}); "
+            "deploy the engine from the machine that built it, or rebuild it with itae-export"
+        ) from e
+    try:
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - no GPU / CUDA init failure surface as plain exceptions
+        raise DeployError(f"{path}: TensorRT could not read the engine ({e}); write its JSON sidecar") from e
+    if engine is None:
+        raise DeployError(
+            f"{path}: TensorRT could not deserialize the engine (other GPU or TensorRT version?)"
+        )
+    ins, outs, mb = [], [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = _sidecar_dtype(str(engine.get_tensor_dtype(name)), f"{path} {name}")
+        spec = TensorSpec(name, dtype, tuple(int(d) for d in engine.get_tensor_shape(name)))
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            ins.append(spec)
+            if spec.shape and spec.shape[0] == -1:
+                mb.append(int(engine.get_tensor_profile_shape(name, 0)[2][0]))
+        else:
+            outs.append(spec)
+    return {"inputs": ins, "outputs": outs, "compute_capability": None, "device_name": None,
+            "tensorrt_version": trt.__version__, "max_batch": min(mb) if mb else None, "raw": {}}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- config.pbtxt
+
+
+def _q(s: str) -> str:
+    return json.dumps(s)  # a JSON string literal is a valid protobuf text-format string literal
+
+
+def _tensor_block(kind: str, specs: list[TensorSpec], max_batch: int) -> list[str]:
+    lines = [f"{kind} ["]
+    for i, t in enumerate(specs):
+        dims = ", ".join(str(d) for d in t.config_dims(max_batch))
+        lines += [
+            "  {",
+            f"    name: {_q(t.name)}",
+            f"    data_type: {t.data_type}",
+            f"    dims: [ {dims} ]",
+            "  }" + ("," if i < len(specs) - 1 else ""),
+        ]
+    return lines + ["]"]
+
+
+def render_config(
+    *,
+    model_name: str,
+    platform: str,
+    max_batch: int,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    instance_kind: str = "KIND_GPU",
+    instance_count: int = 1,
+    compute_capability: str | None = None,
+    comments: Sequence[str] = (),
+) -> str:
+    lines = [f"# {c}" for c in comments]
+    lines += [
+        f"name: {_q(model_name)}",
+        f"platform: {_q(platform)}",
+        f"max_batch_size: {max_batch}",
+    ]
+    lines += _tensor_block("input", inputs, max_batch)
+    lines += _tensor_block("output", outputs, max_batch)
+    if max_batch > 0:
+        lines.append("dynamic_batching { }")
+    lines += [
+        "instance_group [",
+        "  {",
+        f"    count: {instance_count}",
+        f"    kind: {instance_kind}",
+        "  }",
+        "]",
+    ]
+    if compute_capability:
+        # a plan only deserializes on the compute capability it was built for; the map records it and
+        # lets a later repository hold one plan per GPU type (model_sm90.plan ...) under one version
+        lines += [
+            f"# TensorRT plan built for compute capability {compute_capability}; other GPUs need their own plan",
+            f'cc_model_filenames {{ key: {_q(compute_capability)} value: "model.plan" }}',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    return model_config_pb2
+
+
+def parse_config(text: str, where: str | Path):
+    """Parse config.pbtxt text with Triton's own ModelConfig protobuf (tritonclient[grpc])."""
+    pb2 = _model_config_pb2()
+    if pb2 is None:
+        raise DeployError(
+            f"{where}: reading a config.pbtxt needs Triton's ModelConfig protobuf; "
+            'pip install "tritonclient[grpc]"'
+        )
+    from google.protobuf import text_format
+
+    cfg = pb2.ModelConfig()
+    try:
+        text_format.Parse(text, cfg)
+    except text_format.ParseError as e:
+        raise DeployError(f"{where} is not a valid Triton model config: {e}") from e
+    return cfg
+
+
+def _config_io(cfg, kind: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    pb2 = _model_config_pb2()
+    return {t.name: (pb2.DataType.Name(t.data_type), tuple(t.dims)) for t in getattr(cfg, kind)}
+
+
+_BACKEND_OF = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+
+
+def _incompatibilities(cfg, platform: str, max_batch: int, ins, outs) -> list[str]:
+    problems = []
+    have_platform = cfg.platform or {v: k for k, v in _BACKEND_OF.items()}.get(cfg.backend, cfg.backend)
+    if have_platform and have_platform != platform:
+        problems.append(f"platform {have_platform!r} (this model: {platform!r})")
+    if cfg.max_batch_size != max_batch:
+        problems.append(f"max_batch_size {cfg.max_batch_size} (this model: {max_batch})")
+    for kind, specs in (("input", ins), ("output", outs)):
+        have = _config_io(cfg, kind)
+        if not have:
+            continue  # Triton auto-completes IO from the model: nothing to contradict
+        want = {t.name: (t.data_type, t.config_dims(max_batch)) for t in specs}
+        if have != want:
+            problems.append(f"{kind}s {have} (this model: {want})")
+    return problems
+
+
+# ------------------------------------------------------------------------------------ writing repos
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _existing_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _platform_for(path: Path, platform: str | None) -> str:
+    guess = (
+        "onnxruntime_onnx"
+        if path.suffix == ".onnx"
+        else "tensorrt_plan"
+        if path.suffix in _ENGINE_SUFFIXES
+        else None
+    )
+    if platform is None:
+        if guess is None:
+            raise UsageError(
+                f"{path}: cannot tell the platform from the suffix; pass --platform {'|'.join(PLATFORMS)}"
+            )
+        return guess
+    if platform not in PLATFORMS:
+        raise UsageError(f"--platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
+    if guess is not None and guess != platform:
+        raise UsageError(f"--platform {platform} does not fit {path} (looks like {guess})")
+    return platform
+
+
+def write_triton_repo(
+    model_path: str | Path,
+    repo_dir: str | Path,
+    *,
+    model_name: str,
+    max_batch: int | None = None,
+    platform: str | None = None,
+    instance_kind: str = "KIND_GPU",
+    instance_count: int = 1,
+    graph_options: GraphOptions | None = None,
+    meta: dict[str, Any] | None = None,
+) -> TritonRepoResult:
+    """Add `model_path` (ONNX or TensorRT engine) as a new version of `repo_dir/model_name`.
+
+    max_batch None: the engine profile's max batch (engines) or 8; 0 disables batching (dims then
+    include the batch dim). graph_options apply to ONNX sources only (in the deployed copy; the
+    source is not modified); for engines they are checked against the engine's IO.
+    """
+    src = Path(model_path)
+    if not src.is_file():
+        raise UsageError(f"{src} does not exist; pass an .onnx file or a TensorRT engine (.plan/.engine)")
+    if not _NAME_RE.match(model_name or ""):
+        raise UsageError(
+            f"--model-name {model_name!r}: use letters, digits, '_', '-', '.' (a directory name)"
+        )
+    if instance_kind not in INSTANCE_KINDS:
+        raise UsageError(f"--instance-kind {instance_kind!r}: choose one of {', '.join(INSTANCE_KINDS)}")
+    if instance_count < 1:
+        raise UsageError(f"--instances must be >= 1, got {instance_count}")
+    if max_batch is not None and max_batch < 0:
+        raise UsageError(f"--max-batch must be >= 0 (0: no batching), got {max_batch}")
+    platform = _platform_for(src, platform)
+    opts = graph_options or GraphOptions()
+    notes: list[str] = []
+    comments = [f"Written by itae-export (itae_export.triton) from {src.name}."]
+    cc = None
+    proto = None
+    sidecar = None
+    record: dict[str, Any] = {}
+
+    if platform == "onnxruntime_onnx":
+        import onnx
+
+        proto = onnx.load(str(src), load_external_data=False)
+        if opts.any or opts.input_format:
+            proto, record = apply_graph_options_proto(proto, opts)
+        ins, outs = _onnx_specs(proto)
+        engine_max = None
+    else:
+        if instance_kind != "KIND_GPU":
+            raise UsageError("--instance-kind KIND_CPU: a TensorRT plan runs on a GPU only; use KIND_GPU")
+        sidecar = find_engine_sidecar(src)
+        info = read_engine_sidecar(sidecar) if sidecar else _engine_info_from_tensorrt(src)
+        ins, outs, engine_max, cc = (
+            info["inputs"],
+            info["outputs"],
+            info["max_batch"],
+            info["compute_capability"],
+        )
+        if opts.input_format == "uint8-nhwc" and not any(t.data_type == "TYPE_UINT8" for t in ins):
+            raise UsageError(
+                f"--input-format uint8-nhwc: engine {src} takes {ins[0].data_type}; apply the graph options "
+                "to the ONNX before building the engine (itae_export.triton.apply_graph_options)"
+            )
+        if opts.input_format == "float32-nchw" and ins[0].data_type == "TYPE_UINT8":
+            raise UsageError(
+                f"--input-format float32-nchw: engine {src} takes uint8 NHWC pixels; drop the flag"
+            )
+        if opts.l2_normalize:
+            notes.append(
+                "--l2-normalize cannot be checked on an engine; it must have been applied before building"
+            )
+        if cc:
+            dev = f" ({info['device_name']})" if info.get("device_name") else ""
+            comments.append(
+                f"TensorRT engine for compute capability {cc}{dev}, TensorRT {info.get('tensorrt_version')}."
+            )
+        else:
+            notes.append(
+                "compute capability unknown (no sidecar value): the plan loads only on the GPU type it was built for"
+            )
+
+    if max_batch is None:
+        max_batch = engine_max if engine_max is not None else DEFAULT_MAX_BATCH
+    if engine_max is not None and max_batch > engine_max:
+        raise UsageError(
+            f"--max-batch {max_batch} exceeds the engine's optimization profile (max batch {engine_max}); "
+            f"use --max-batch {engine_max} or rebuild the engine"
+        )
+    if max_batch > 0:
+        for t in ins + outs:
+            if not t.shape or t.shape[0] != -1:
+                raise DeployError(
+                    f"{src}: {t.name!r} has shape {list(t.shape)}, no dynamic batch dim; re-export with a "
+                    "dynamic batch or pass --max-batch 0"
+                )
+    for t in ins:
+        if -1 in t.shape[1:]:
+            notes.append(
+                f"input {t.name!r} has dynamic non-batch dims {list(t.shape)}; clients must send a fixed size"
+            )
+    if meta:
+        if meta.get("model"):
+            comments.append(f"model: {meta['model']}, img_size {meta.get('img_size')}")
+        if "itae" in meta:
+            comments.append("ITAE: " + (json.dumps(meta["itae"], sort_keys=True) if meta["itae"] else "off"))
+    fmt = (
+        "uint8 NHWC RGB pixels (normalised inside the graph)"
+        if ins[0].data_type == "TYPE_UINT8"
+        else "float, ImageNet-normalised NCHW"
+    )
+    comments.append(f"input {ins[0].name!r}: {fmt}")
+    if "l2_normalize" in record or (proto is not None and _has_l2(proto)):
+        comments.append("output is L2-normalised (unit length): use inner product / cosine")
+
+    config_text = render_config(
+        model_name=model_name, platform=platform, max_batch=max_batch, inputs=ins, outputs=outs,
+        instance_kind=instance_kind, instance_count=instance_count, compute_capability=cc, comments=comments,
+    )  # fmt: skip
+    if _model_config_pb2() is not None:
+        parse_config(config_text, "generated config.pbtxt")  # guard against a malformed render
+    else:
+        notes.append('config.pbtxt not validated: pip install "tritonclient[grpc]" for Triton\'s ModelConfig')
+
+    repo = Path(repo_dir)
+    model_dir = repo / model_name
+    config_path = model_dir / "config.pbtxt"
+    config_written = not config_path.exists()
+    if not config_written:
+        existing = parse_config(config_path.read_text(), config_path)
+        problems = _incompatibilities(existing, platform, max_batch, ins, outs)
+        if problems:
+            raise DeployError(
+                f"{config_path} describes another model: "
+                + "; ".join(problems)
+                + ". Choose another --model-name, or move that model away (versions are never overwritten)"
+            )
+        if cc and cc not in dict(existing.cc_model_filenames):
+            notes.append(f"kept config.pbtxt has no cc_model_filenames entry for {cc}")
+
+    # stage the version directory under a name Triton ignores (not numeric), then rename it into place
+    model_dir.mkdir(parents=True, exist_ok=True)
+    stage = model_dir / f".staging-{uuid.uuid4().hex[:12]}"
+    stage.mkdir()
+    try:
+        files = _stage_files(src, stage, platform, proto, record, sidecar)
+        provenance = {
+            "source": str(src.resolve()),
+            "platform": platform,
+            "graph_options": record,
+            "meta": meta or {},
+            "engine_sidecar": str(sidecar) if sidecar else None,
+        }
+        (stage / PROVENANCE_FILE).write_text(
+            json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        version = _rename_into_place(stage, model_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    version_dir = model_dir / str(version)
+    if config_written:
+        atomic_write_text(config_path, config_text)
+        os.chmod(config_path, 0o644)
+    return TritonRepoResult(
+        model_dir=model_dir, config_path=config_path, version=version, version_dir=version_dir,
+        platform=platform, max_batch=max_batch, inputs=ins, outputs=outs, config_written=config_written,
+        files=[version_dir / f.relative_to(stage) for f in files], graph_options=record, notes=notes,
+    )  # fmt: skip
+
+
+def _has_l2(proto) -> bool:
+    from graph_passes.preprocess import L2_NORMALIZE_KEY
+
+    return any(p.key == L2_NORMALIZE_KEY for p in proto.metadata_props)
+
+
+def _copy_file(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644)  # onnx.save writes .data as 0600; the server may run as another user
+    return dst
+
+
+def _stage_files(
+    src: Path, stage: Path, platform: str, proto, record: dict, sidecar: Path | None
+) -> list[Path]:
+    files = []
+    if platform == "tensorrt_plan":
+        files.append(_copy_file(src, stage / "model.plan"))
+        if sidecar:
+            files.append(_copy_file(sidecar, stage / "model.plan.json"))
+        return files
+    from graph_passes.preprocess import PreprocessPassError, external_data_locations
+
+    try:
+        locations = external_data_locations(proto)
+    except PreprocessPassError as e:
+        raise DeployError(f"{src}: {e}") from e
+    if record:
+        # the deployed graph differs from the source: write the rewritten proto (weights stay external)
+        import onnx
+
+        onnx.save(proto, str(stage / "model.onnx"))
+        os.chmod(stage / "model.onnx", 0o644)
+        files.append(stage / "model.onnx")
+    else:
+        files.append(_copy_file(src, stage / "model.onnx"))  # byte-identical to the source
+    for loc in locations:
+        data = src.parent / loc
+        if not data.is_file():
+            raise DeployError(
+                f"{src} refers to external data {data}, which is missing; keep the .data beside the .onnx"
+            )
+        files.append(_copy_file(data, stage / loc))
+    return files
+
+
+def _rename_into_place(stage: Path, model_dir: Path) -> int:
+    for _ in range(100):
+        version = max(_existing_versions(model_dir), default=0) + 1
+        try:
+            # rename of a directory onto an existing non-empty one fails: a concurrent writer took the
+            # number, so retry with the next one; existing versions are never touched
+            os.rename(stage, model_dir / str(version))
+            return version
+        except OSError:
+            if not (model_dir / str(version)).exists():
+                raise
+    raise DeployError(f"{model_dir}: could not claim a new version number")
+
+
+# --------------------------------------------------------------------------------------- CLI hooks
+
+
+def _add(group, parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+    # another feature (e.g. the TensorRT engine's --max-batch) may define the same flag: share it
+    if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public lookup
+        group.add_argument(flag, **kw)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Triton deployment")
+    _add(
+        g,
+        parser,
+        "--triton-repo",
+        metavar="DIR",
+        default=None,
+        help="add the result as a new version of a Triton model repository DIR/NAME (config.pbtxt written "
+        "if absent, kept if compatible; existing versions are never changed)",
+    )
+    _add(
+        g,
+        parser,
+        "--model-name",
+        metavar="NAME",
+        default=None,
+        help="Triton model name (default: the DINOv2 model name, '_itae' appended when ITAE is on)",
+    )
+    _add(
+        g,
+        parser,
+        "--max-batch",
+        metavar="N",
+        type=int,
+        default=None,
+        help=f"Triton max_batch_size with dynamic batching (default: the engine's profile max, else {DEFAULT_MAX_BATCH}; 0: off)",
+    )
+    _add(
+        g,
+        parser,
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default=None,
+        help="uint8-nhwc: the graph takes raw uint8 [B,H,W,3] RGB pixels and normalises them itself "
+        "(default: float32-nchw, ImageNet-normalised [B,3,H,W])",
+    )
+    _add(
+        g,
+        parser,
+        "--l2-normalize",
+        action="store_true",
+        help="add x / max(||x||, eps) on the embedding (unit vectors for cosine search)",
+    )
+    _add(
+        g,
+        parser,
+        "--instance-kind",
+        choices=INSTANCE_KINDS,
+        default="KIND_GPU",
+        help="Triton instance_group kind (KIND_CPU for a CPU-only server; ONNX only)",
+    )
+    _add(g, parser, "--instances", metavar="N", type=int, default=1, help="Triton instance_group count")  # fmt: skip
+
+
+def default_model_name(meta: dict[str, Any] | None, model_path: str | Path) -> str:
+    meta = meta or {}
+    base = str(meta.get("model") or Path(model_path).stem)
+    if meta.get("itae"):
+        base += "_itae"
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", base).lstrip(".-") or "model"
+    return name
+
+
+def deploy_from_cli(
+    args: argparse.Namespace, model_path: str | Path, meta: dict[str, Any] | None
+) -> TritonRepoResult | None:
+    """After the export (and engine build): add `model_path` to --triton-repo; None when not asked.
+
+    For an ONNX path, graph options not yet applied (apply_graph_options) are applied in the deployed
+    copy; for an engine they must already be in it (checked where the engine's IO shows it).
+    """
+    if not getattr(args, "triton_repo", None):
+        return None
+    return write_triton_repo(
+        model_path,
+        args.triton_repo,
+        model_name=getattr(args, "model_name", None) or default_model_name(meta, model_path),
+        max_batch=getattr(args, "max_batch", None),
+        instance_kind=getattr(args, "instance_kind", "KIND_GPU") or "KIND_GPU",
+        instance_count=getattr(args, "instances", 1) or 1,
+        graph_options=GraphOptions.from_args(args),
+        meta=meta,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m itae_export.triton",
+        description="Add an existing ONNX model or TensorRT engine to a Triton model repository.",
+    )
+    p.add_argument(
+        "model", help="MODEL.onnx (its .data beside it) or MODEL.plan/.engine (JSON sidecar beside it)"
+    )
+    p.add_argument("--platform", choices=PLATFORMS, default=None, help="default: from the file suffix")
+    add_cli_args(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    try:
+        if not args.triton_repo:
+            raise UsageError("--triton-repo DIR is required")
+        model = Path(args.model)
+        meta: dict[str, Any] = {}
+        if model.suffix == ".onnx" and model.is_file():
+            import onnx
+
+            # provenance: what the exporter and passes recorded in the graph
+            md = {q.key: q.value for q in onnx.load(str(model), load_external_data=False).metadata_props}
+            meta["onnx_metadata"] = md
+        res = write_triton_repo(
+            model, args.triton_repo,
+            model_name=args.model_name or default_model_name(None, model),
+            max_batch=args.max_batch, platform=args.platform, instance_kind=args.instance_kind,
+            instance_count=args.instances, graph_options=GraphOptions.from_args(args), meta=meta or None,
+        )  # fmt: skip
+    except ItaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps(res.to_dict(), indent=2) if args.json else res.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

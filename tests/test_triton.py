@@ -1,0 +1,309 @@
+"""Triton model repositories (itae_export/triton.py) and the deployment graph options."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from onnx import TensorProto, helper, numpy_helper
+
+from itae_export.errors import DeployError, UsageError
+from itae_export.triton import (
+    GraphOptions,
+    add_cli_args,
+    apply_graph_options,
+    default_model_name,
+    deploy_from_cli,
+    main,
+    verify_graph_options,
+    write_triton_repo,
+)
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+
+H, W, D = 14, 14, 6
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(uint8)": "TYPE_UINT8"}
+
+
+def save_tiny(path: Path, *, batch: int | str = "batch", seed: int = 0, d: int = D) -> Path:
+    """[B,3,H,W] -> Flatten -> MatMul -> [B,d], weights in an external .data file."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(size=(3 * H * W, d)).astype(np.float32) * 0.05, "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["pixel_values"], ["f"]),
+            helper.make_node("MatMul", ["f", "w"], ["embedding"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [batch, 3, H, W])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, d])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path, save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return path
+
+
+def tree_digest(d: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
+
+
+def parse(path: Path):
+    cfg = model_config_pb2.ModelConfig()
+    text_format.Parse(path.read_text(), cfg)
+    return cfg
+
+
+def assert_config_matches_session(cfg, onnx_path: Path) -> None:
+    """Names, types and dims of the config against ONNX Runtime's view of the deployed file."""
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for kind, ort_list in (("input", sess.get_inputs()), ("output", sess.get_outputs())):
+        entries = list(getattr(cfg, kind))
+        assert [e.name for e in entries] == [t.name for t in ort_list]
+        for e, t in zip(entries, ort_list, strict=True):
+            assert model_config_pb2.DataType.Name(e.data_type) == ORT_TO_TRITON[t.type]
+            want = [d if isinstance(d, int) else -1 for d in t.shape]
+            assert list(e.dims) == (want[1:] if cfg.max_batch_size > 0 else want)
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_onnx_repo_layout_and_config(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "export" / "tiny.onnx")
+    res = write_triton_repo(
+        src, tmp_path / "repo", model_name="tiny", max_batch=4, meta={"model": "x", "itae": None}
+    )
+    vdir = tmp_path / "repo" / "tiny" / "1"
+    assert res.version == 1 and res.version_dir == vdir and res.config_written
+    assert (vdir / "model.onnx").read_bytes() == src.read_bytes()  # unchanged graph: exact copy
+    assert (vdir / "tiny.onnx.data").read_bytes() == (src.parent / "tiny.onnx.data").read_bytes()
+    assert json.loads((vdir / "itae_export.json").read_text())["meta"]["model"] == "x"
+    cfg = parse(res.config_path)
+    assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 4
+    assert cfg.HasField("dynamic_batching")
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [
+        (model_config_pb2.ModelInstanceGroup.KIND_GPU, 1)
+    ]
+    assert list(cfg.input[0].dims) == [3, H, W] and list(cfg.output[0].dims) == [D]
+    assert_config_matches_session(cfg, vdir / "model.onnx")
+    x = np.random.default_rng(0).normal(size=(2, 3, H, W)).astype(np.float32)
+    np.testing.assert_array_equal(run(vdir / "model.onnx", x), run(src, x))
+    assert not [p for p in res.model_dir.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_new_version_leaves_old_untouched_and_keeps_config(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_triton_repo(save_tiny(tmp_path / "a" / "m.onnx", seed=0), repo, model_name="emb", max_batch=4)
+    before = tree_digest(repo)
+    res = write_triton_repo(save_tiny(tmp_path / "b" / "m.onnx", seed=1), repo, model_name="emb", max_batch=4)
+    assert res.version == 2 and not res.config_written
+    after = tree_digest(repo)
+    assert {k: v for k, v in after.items() if not k.startswith("emb/2/")} == before
+    assert after["emb/2/m.onnx.data"] != before["emb/1/m.onnx.data"]  # really the new weights
+    # versions count up from the highest existing one
+    (repo / "emb" / "7").mkdir()
+    assert write_triton_repo(tmp_path / "b" / "m.onnx", repo, model_name="emb", max_batch=4).version == 8
+
+
+def test_incompatible_config_refused_without_writing(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    src = save_tiny(tmp_path / "a" / "m.onnx")
+    write_triton_repo(src, repo, model_name="emb", max_batch=4)
+    before = tree_digest(repo)
+    with pytest.raises(DeployError, match="another model"):
+        write_triton_repo(save_tiny(tmp_path / "b" / "m.onnx", d=D + 1), repo, model_name="emb", max_batch=4)
+    with pytest.raises(DeployError, match="max_batch_size"):
+        write_triton_repo(src, repo, model_name="emb", max_batch=2)
+    with pytest.raises(DeployError, match="TYPE_UINT8"):
+        write_triton_repo(src, repo, model_name="emb", max_batch=4, graph_options=GraphOptions("uint8-nhwc"))
+    assert tree_digest(repo) == before
+    assert sorted(p.name for p in (repo / "emb").iterdir()) == ["1", "config.pbtxt"]
+    # a hand-written config without IO (Triton auto-completes it) is compatible and kept as is
+    (repo / "auto").mkdir()
+    (repo / "auto" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 4\n')
+    res = write_triton_repo(src, repo, model_name="auto", max_batch=4)
+    assert not res.config_written and (repo / "auto" / "config.pbtxt").read_text().count("\n") == 2
+    (repo / "bad").mkdir()
+    (repo / "bad" / "config.pbtxt").write_text("max_batch_size: [oops\n")
+    with pytest.raises(DeployError, match="not a valid Triton model config"):
+        write_triton_repo(src, repo, model_name="bad", max_batch=4)
+
+
+def test_graph_options_in_deployed_copy(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "export" / "m.onnx")
+    src_bytes = src.read_bytes()
+    res = write_triton_repo(
+        src, tmp_path / "repo", model_name="raw", max_batch=8, graph_options=GraphOptions("uint8-nhwc", True)
+    )
+    assert src.read_bytes() == src_bytes  # the source is never modified
+    cfg = parse(res.config_path)
+    assert model_config_pb2.DataType.Name(cfg.input[0].data_type) == "TYPE_UINT8"
+    assert list(cfg.input[0].dims) == [H, W, 3]
+    assert "L2-normalised" in res.config_path.read_text()
+    deployed = res.version_dir / "model.onnx"
+    onnx.checker.check_model(str(deployed), full_check=True)
+    assert_config_matches_session(cfg, deployed)
+    px = np.random.default_rng(3).integers(0, 256, size=(3, H, W, 3), dtype=np.uint8)
+    x = ((px.transpose(0, 3, 1, 2) / 255.0 - MEAN.reshape(1, 3, 1, 1)) / STD.reshape(1, 3, 1, 1)).astype(
+        np.float32
+    )
+    ref = run(src, x)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(run(deployed, px), ref, atol=1e-5)
+    prov = json.loads((res.version_dir / "itae_export.json").read_text())
+    assert set(prov["graph_options"]) == {"uint8_nhwc_input", "l2_normalize"}
+
+
+def test_batching_options(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "m.onnx")
+    res = write_triton_repo(
+        src, tmp_path / "repo", model_name="nobatch", max_batch=0, instance_kind="KIND_CPU"
+    )
+    cfg = parse(res.config_path)
+    assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    assert list(cfg.input[0].dims) == [-1, 3, H, W]
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert_config_matches_session(cfg, res.version_dir / "model.onnx")
+    static = save_tiny(tmp_path / "s" / "m.onnx", batch=1)
+    with pytest.raises(DeployError, match="dynamic batch"):
+        write_triton_repo(static, tmp_path / "repo", model_name="static", max_batch=4)
+    assert not (tmp_path / "repo" / "static").exists() or not any((tmp_path / "repo" / "static").iterdir())
+    with pytest.raises(UsageError, match="model-name"):
+        write_triton_repo(src, tmp_path / "repo", model_name="../x", max_batch=4)
+
+
+def _fake_engine(tmp_path: Path, *, sidecar: dict | None) -> Path:
+    eng = tmp_path / "eng" / "model.engine"
+    eng.parent.mkdir(parents=True)
+    eng.write_bytes(b"not really a plan")
+    if sidecar is not None:
+        (eng.parent / "model.engine.json").write_text(json.dumps(sidecar))
+    return eng
+
+
+SIDECAR = {
+    "inputs": [
+        {"name": "pixel_values", "dtype": "float32", "shape": [-1, 3, 28, 28], "max_shape": [16, 3, 28, 28]}
+    ],
+    "outputs": [{"name": "embedding", "dtype": "DataType.HALF", "shape": [-1, 384]}],
+    "compute_capability": [9, 0],
+    "device_name": "NVIDIA H100",
+    "tensorrt_version": "10.9",
+}
+
+
+def test_plan_from_sidecar(tmp_path: Path) -> None:
+    eng = _fake_engine(tmp_path, sidecar=SIDECAR)
+    res = write_triton_repo(eng, tmp_path / "repo", model_name="trt")
+    assert (res.version_dir / "model.plan").read_bytes() == eng.read_bytes()
+    text = res.config_path.read_text()
+    cfg = parse(res.config_path)
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16  # the profile's max
+    assert dict(cfg.cc_model_filenames) == {"9.0": "model.plan"}
+    assert "compute capability 9.0 (NVIDIA H100)" in text
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("pixel_values", [3, 28, 28])]
+    assert model_config_pb2.DataType.Name(cfg.output[0].data_type) == "TYPE_FP16"
+    with pytest.raises(UsageError, match="optimization profile"):
+        write_triton_repo(eng, tmp_path / "repo2", model_name="trt", max_batch=32)
+    with pytest.raises(UsageError, match="GPU only"):
+        write_triton_repo(eng, tmp_path / "repo2", model_name="trt", instance_kind="KIND_CPU")
+    with pytest.raises(UsageError, match="before building the engine"):
+        write_triton_repo(eng, tmp_path / "repo2", model_name="trt", graph_options=GraphOptions("uint8-nhwc"))
+    with pytest.raises(DeployError, match="another model"):  # an ONNX under a plan's config
+        write_triton_repo(
+            save_tiny(tmp_path / "o" / "m.onnx"), tmp_path / "repo", model_name="trt", max_batch=16
+        )
+
+
+def test_plan_without_sidecar_needs_tensorrt(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="with TensorRT installed the engine itself is read")
+    eng = _fake_engine(tmp_path, sidecar=None)
+    with pytest.raises(DeployError):
+        write_triton_repo(eng, tmp_path / "repo", model_name="trt")
+
+
+def test_plan_without_sidecar_or_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as on a machine without it
+    eng = _fake_engine(tmp_path, sidecar=None)
+    with pytest.raises(DeployError, match="sidecar"):
+        write_triton_repo(eng, tmp_path / "repo", model_name="trt")
+
+
+def test_cli_hooks(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-batch", type=int, default=32)  # e.g. defined first by the engine builder
+    add_cli_args(parser)
+    args = parser.parse_args([])
+    assert args.max_batch == 32 and args.triton_repo is None and args.input_format is None
+    assert deploy_from_cli(args, tmp_path / "x.onnx", {}) is None
+    src = save_tiny(tmp_path / "e" / "m.onnx")
+    args = parser.parse_args(["--triton-repo", str(tmp_path / "repo"), "--max-batch", "2", "--l2-normalize"])
+    meta = {"model": "dinov2_vits14", "img_size": 14, "itae": {"norm_source": "v"}}
+    res = deploy_from_cli(args, src, meta)
+    assert res.model_dir.name == "dinov2_vits14_itae" == default_model_name(meta, src)
+    assert parse(res.config_path).max_batch_size == 2 and "ITAE:" in res.config_path.read_text()
+    out = run(res.version_dir / "model.onnx", np.ones((1, 3, H, W), np.float32))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+
+
+def test_apply_graph_options_files(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "m.onnx")
+    ns = argparse.Namespace(input_format=None, l2_normalize=False)
+    assert apply_graph_options(src, tmp_path / "o.onnx", ns) == src and not (tmp_path / "o.onnx").exists()
+    ns = argparse.Namespace(input_format="uint8-nhwc", l2_normalize=True)
+    out = apply_graph_options(src, tmp_path / "m.deploy.onnx", ns)
+    assert out == tmp_path / "m.deploy.onnx"
+    parity = verify_graph_options(src, out)
+    assert parity["max_abs"] < 1e-5 and parity["cos_min"] > 0.99999
+    # idempotent on an already rewritten model; float32-nchw on a uint8 model is refused
+    assert (
+        apply_graph_options(out, tmp_path / "again.onnx", ns) == out
+        and not (tmp_path / "again.onnx").exists()
+    )
+    with pytest.raises(UsageError, match="float32-nchw"):
+        apply_graph_options(
+            out, tmp_path / "f.onnx", argparse.Namespace(input_format="float32-nchw", l2_normalize=False)
+        )
+    with pytest.raises(UsageError, match="input ONNX"):
+        apply_graph_options(src, src, ns)
+    # elsewhere: the .data comes along
+    other = apply_graph_options(src, tmp_path / "sub" / "m.onnx", ns)
+    assert (tmp_path / "sub" / "m.onnx.data").is_file() and verify_graph_options(src, other)[
+        "cos_min"
+    ] > 0.99999
+
+
+def test_standalone_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = save_tiny(tmp_path / "m.onnx")
+    repo = tmp_path / "repo"
+    rc = main(
+        [str(src), "--triton-repo", str(repo), "--input-format", "uint8-nhwc", "--max-batch", "4", "--json"]
+    )
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["version"] == 1 and printed["inputs"][0]["data_type"] == "TYPE_UINT8"
+    assert parse(repo / "m" / "config.pbtxt").name == "m"
+    assert (
+        main([str(src), "--triton-repo", str(repo), "--max-batch", "4"]) == DeployError.exit_code
+    )  # float vs uint8
+    assert "another model" in capsys.readouterr().err
+    assert main([str(src)]) == UsageError.exit_code
