@@ -1,0 +1,225 @@
+"""Small read-only index over an ONNX graph plus a node builder: producers, consumers,
+constants, opset-aware op emission and a stable topological sort. Pure onnx + numpy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphIndex:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant output (None when computed or not loaded).
+
+        Only reads inline data: a weight kept in external data is never pulled into memory.
+        """
+        t = self.initializers.get(name)
+        if t is None:
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Constant":
+                return None
+            for a in node.attribute:
+                if a.name == "value":
+                    t = a.t
+                elif a.name in ("value_float", "value_int"):
+                    return np.array(helper.get_attribute_value(a))
+                elif a.name in ("value_floats", "value_ints"):
+                    return np.array(helper.get_attribute_value(a))
+            if t is None:
+                return None
+        if t.data_location == TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(t)
+
+    def const_dims(self, name: str) -> list[int] | None:
+        """Dims of an initializer or Constant tensor, without loading external data."""
+        t = self.initializers.get(name)
+        if t is not None:
+            return list(t.dims)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return list(a.t.dims)
+        return None
+
+    def is_data_independent(self, name: str, _seen: set[str] | None = None) -> bool:
+        """True when `name` does not depend on input data (constants, or computed from Shape)."""
+        seen = _seen if _seen is not None else set()
+        if name in seen:
+            return True
+        seen.add(name)
+        if name in self.initializers:
+            return True
+        if name in self.graph_inputs:
+            return False
+        node = self.producer.get(name)
+        if node is None:
+            return False
+        if node.op_type in ("Constant", "Shape", "Size"):
+            return True
+        return all(self.is_data_independent(i, seen) for i in node.input if i)
+
+    def is_scalar_const(self, name: str) -> bool:
+        """A data-independent operand of size 1 (a scale)."""
+        if not self.is_data_independent(name):
+            return False
+        dims = self.const_dims(name)
+        if dims is not None:
+            return int(np.prod(dims)) == 1
+        return True  # computed from shapes only: the exporters' sqrt(1/sqrt(Dh)) chains
+
+    def attr(self, node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def ancestors_ops(self, name: str, limit: int = 100000) -> set[str]:
+        out: set[str] = set()
+        stack, seen = [name], set()
+        while stack and len(seen) < limit:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            node = self.producer.get(t)
+            if node is not None:
+                out.add(node.op_type)
+                stack.extend(i for i in node.input if i)
+        return out
+
+
+class Builder:
+    """Emits nodes and constants with a name prefix, choosing attribute vs input forms by opset."""
+
+    def __init__(self, index: GraphIndex, prefix: str):
+        self.ix = index
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._n = 0
+        taken = set(index.producer) | set(index.initializers) | {i.name for i in index.graph.input}
+        self._taken = taken
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        n = f"{self.prefix}/{hint}_{self._n}"
+        while n in self._taken:
+            self._n += 1
+            n = f"{self.prefix}/{hint}_{self._n}"
+        self._taken.add(n)
+        return n
+
+    def const(self, hint: str, value: np.ndarray) -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: Iterable[str], hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op_type)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1, hint: str | None = None) -> str:
+        # axes moved from attribute to input: ReduceSum at opset 13, the other reductions at 18
+        as_input = self.ix.opset >= (13 if op_type == "ReduceSum" else 18)
+        if as_input:
+            return self.op(op_type, [x, self.const("axes", np.array(axes, dtype=np.int64))], hint, keepdims=keepdims)
+        return self.op(op_type, [x], hint, axes=axes, keepdims=keepdims)
+
+    def slice_last(self, x: str, start: int, end: int | None = None, hint: str | None = None) -> str:
+        stop = np.iinfo(np.int64).max if end is None else end
+        return self.op(
+            "Slice",
+            [
+                x,
+                self.const("starts", np.array([start], dtype=np.int64)),
+                self.const("ends", np.array([stop], dtype=np.int64)),
+                self.const("axes", np.array([-1], dtype=np.int64)),
+            ],
+            hint,
+        )
+
+
+def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Stable Kahn sort: keeps the original order wherever dependencies allow."""
+    produced_by: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            produced_by[o] = i
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        d = {produced_by[x] for x in _all_inputs(n) if x in produced_by and x not in available and produced_by[x] != i}
+        deps.append(d)
+        for j in d:
+            users.setdefault(j, []).append(i)
+    import heapq
+
+    ready = [i for i, d in enumerate(deps) if not d]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            deps[u].discard(i)
+            if not deps[u]:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ValueError("graph has a cycle after rewriting")
+    return [nodes[i] for i in order]
+
+
+def _all_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs of a node including those used implicitly by its subgraphs (If/Loop bodies)."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        gs = list(a.graphs) + ([a.g] if a.HasField("g") else [])
+        for g in gs:
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                names.extend(i for i in _all_inputs(n) if i not in inner)
+    return names
+
+
+def elem_type_of(model: onnx.ModelProto, name: str) -> int | None:
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if v.name == name and v.type.tensor_type.elem_type:
+            return v.type.tensor_type.elem_type
+    return None
+
+
+def infer_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every tensor via onnx shape inference on a weight-free copy."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best effort; callers fall back
+        inferred = light
+    out = {t.name: t.data_type for t in model.graph.initializer}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.tensor_type.elem_type:
+            out[v.name] = v.type.tensor_type.elem_type
+    return out

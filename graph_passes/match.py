@@ -1,0 +1,273 @@
+"""Structural match of the final attention block of a ViT ONNX graph.
+
+Anchored on the last Softmax (graph order is topological), never on node names:
+
+    q_proj/qkv ... q --[Mul/Div scale]--+
+                                         MatMul(QK) --[Mul/Div scale]--> Softmax --> MatMul(PV) --> ...
+    qkv ... k --Transpose--[Mul/Div]-----+                                            ^
+    qkv ... v ------------------------------------------------------------------------+
+
+The norm sources are read where their layout is fixed by MatMul semantics, with scales stripped:
+q = A operand of the QK MatMul [B,H,T,Dh], k^T = its B operand [B,H,Dh,T], v = B operand of
+the PV MatMul [B,H,T,Dh]. That makes the match independent of how the exporter split qkv
+(Split, Slice or Gather) or spelled the transpose of k (Transpose, or Reshape/Transpose/Reshape).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from .graph import GraphIndex
+
+SCALE_OPS = ("Mul", "Div")
+PASSTHROUGH_OPS = ("Cast", "Identity", "Dropout")
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Identity", "Cast")
+PROJECTION_OPS = ("MatMul", "Gemm", "Add")
+META_SETTINGS_KEY = "itae.settings"
+INSERTED_PREFIX = "itae/"
+
+
+class PassError(ValueError):
+    """Base of graph-pass failures; the CLIs print the message and exit non-zero."""
+
+
+class MatchError(PassError):
+    """The graph does not contain a ViT attention block we can match; `step` names what failed."""
+
+    def __init__(self, step: str, reason: str, hint: str = ""):
+        self.step = step
+        self.reason = reason
+        msg = f"match failed at step '{step}': {reason}"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+
+
+class AlreadyPatchedError(PassError):
+    """The graph already carries ITAE; re-patching would attenuate twice."""
+
+
+@dataclass
+class AttentionMatch:
+    softmax: onnx.NodeProto
+    qk_matmul: onnx.NodeProto
+    pv_matmul: onnx.NodeProto
+    logits: str  # Softmax input (scaled logits)
+    q: str  # [B,H,T,Dh], before scaling
+    k_t: str  # [B,H,Dh,T], before scaling
+    v: str  # [B,H,T,Dh]
+    scale_on: list[str]  # where the exporter put 1/sqrt(Dh): subset of q, k, logits
+    projections: dict[str, str]  # q/k/v -> name of the projection node (same node: fused qkv)
+    num_softmax: int
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def fused_qkv(self) -> bool:
+        return len(set(self.projections.values())) == 1
+
+    def describe(self) -> dict:
+        return {
+            "softmax": self.softmax.name or self.softmax.output[0],
+            "qk_matmul": self.qk_matmul.name or self.qk_matmul.output[0],
+            "pv_matmul": self.pv_matmul.name or self.pv_matmul.output[0],
+            "q": self.q,
+            "k_transposed": self.k_t,
+            "v": self.v,
+            "scale_on": self.scale_on or ["none"],
+            "qkv_projection": "fused" if self.fused_qkv else "separate",
+            "projections": self.projections,
+            "attention_blocks": self.num_softmax,
+            "rejected_candidates": [f"{n}: {r}" for n, r in self.rejected],
+        }
+
+
+def already_patched(model: onnx.ModelProto) -> str | None:
+    """Why the model counts as patched, or None."""
+    for p in model.metadata_props:
+        if p.key == META_SETTINGS_KEY:
+            return f"its metadata already holds {META_SETTINGS_KEY}={p.value}"
+    for n in model.graph.node:
+        if n.name.startswith(INSERTED_PREFIX):
+            return f"it already contains ITAE nodes (e.g. {n.name})"
+    return None
+
+
+def _strip_scales(ix: GraphIndex, name: str) -> tuple[str, bool]:
+    """Walk up through Mul/Div by a data-independent scalar; return (source tensor, scaled?)."""
+    scaled = False
+    for _ in range(8):
+        node = ix.producer.get(name)
+        if node is None:
+            break
+        if node.op_type in SCALE_OPS and len(node.input) == 2:
+            a, b = node.input
+            if ix.is_scalar_const(b):
+                name, scaled = a, True
+                continue
+            if node.op_type == "Mul" and ix.is_scalar_const(a):
+                name, scaled = b, True
+                continue
+        if node.op_type in PASSTHROUGH_OPS and node.op_type != "Dropout":
+            name = node.input[0]
+            continue
+        break
+    return name, scaled
+
+
+def _find_projection(ix: GraphIndex, name: str) -> str | None:
+    """Walk up layout ops to the linear projection that produced `name`."""
+    for _ in range(16):
+        node = ix.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in PROJECTION_OPS:
+            if node.op_type == "Add":
+                # a linear with bias: Add(MatMul(x, W), b); anything else is not a projection
+                srcs = [ix.producer.get(i) for i in node.input]
+                if not any(s is not None and s.op_type in ("MatMul", "Gemm") for s in srcs):
+                    return None
+            return node.name or node.output[0]
+        if node.op_type not in LAYOUT_OPS:
+            return None
+        name = node.input[0]
+    return None
+
+
+def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> AttentionMatch:
+    axis = ix.attr(softmax, "axis", -1)
+    if axis not in (-1, 3):
+        raise MatchError("softmax", f"Softmax {softmax.name or softmax.output[0]} normalises axis {axis}, not the key axis (-1)")
+    logits = softmax.input[0]
+    qk_src, logit_scaled = _strip_scales(ix, logits)
+    qk = ix.producer.get(qk_src)
+    if qk is None or qk.op_type != "MatMul":
+        found = qk.op_type if qk is not None else "a graph input"
+        raise MatchError("qk-matmul", f"the Softmax input comes from {found}, not from a Q*K^T MatMul (through a scale)")
+    q, q_scaled = _strip_scales(ix, qk.input[0])
+    k_t, k_scaled = _strip_scales(ix, qk.input[1])
+    if ix.is_data_independent(q) or ix.is_data_independent(k_t):
+        raise MatchError("qk-matmul", "an operand of the Q*K^T MatMul is a constant (a classifier, not attention)")
+    pv = None
+    frontier = [softmax.output[0]]
+    for _ in range(4):
+        nxt = []
+        for t in frontier:
+            for c in ix.consumers.get(t, []):
+                if c.op_type == "MatMul" and c.input[0] == t:
+                    pv = c
+                elif c.op_type in PASSTHROUGH_OPS:
+                    nxt.append(c.output[0])
+        if pv is not None:
+            break
+        frontier = nxt
+    if pv is None:
+        raise MatchError("pv-matmul", "the Softmax output does not feed a MatMul with V (attention probabilities @ V)")
+    v = pv.input[1]
+    projections = {}
+    for label, t in (("q", q), ("k", k_t), ("v", v)):
+        proj = _find_projection(ix, t)
+        if proj is None:
+            raise MatchError("qkv-projection", f"{label} does not come from a linear projection through reshapes/splits")
+        projections[label] = proj
+    scale_on = [s for s, on in (("q", q_scaled), ("k", k_scaled), ("logits", logit_scaled)) if on]
+    return AttentionMatch(softmax, qk, pv, logits, q, k_t, v, scale_on, projections, num_softmax)
+
+
+def match_final_attention(model: onnx.ModelProto, ix: GraphIndex | None = None) -> AttentionMatch:
+    """Match the final attention block; try Softmax nodes from the last one backwards so that a
+    classifier Softmax after the blocks is skipped (and reported as a rejected candidate)."""
+    ix = ix or GraphIndex(model)
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    if not softmaxes:
+        fused = sorted({n.op_type for n in model.graph.node if n.op_type in ("Attention", "MultiHeadAttention")})
+        if fused:
+            raise MatchError(
+                "softmax",
+                f"attention is a fused {'/'.join(fused)} op with no Softmax to anchor on",
+                "export without attention fusion (opset <= 22, no onnxruntime transformer optimizer) and patch that file",
+            )
+        raise MatchError("softmax", "the graph has no Softmax node, so no attention block; is this a ViT graph?")
+    rejected: list[tuple[str, str]] = []
+    for sm in reversed(softmaxes):
+        try:
+            m = _match_at(ix, sm, len(softmaxes))
+            m.rejected = rejected
+            return m
+        except MatchError as e:
+            rejected.append((sm.name or sm.output[0], str(e)))
+            last_error = e
+    raise MatchError(
+        last_error.step,
+        f"no Softmax matched an attention block; last candidate: {last_error.reason}"
+        + (f" (also rejected {len(rejected) - 1} other Softmax)" if len(rejected) > 1 else ""),
+        "itae-inspect prints every rejected candidate",
+    )
+
+
+def _prefix_from_concat(ix: GraphIndex) -> int | None:
+    """Count the CLS/register tokens from the token Concat on axis 1: every input except the one
+    coming from the patch-embedding Conv is a learned [1, k, D] token tensor (maybe expanded)."""
+    convs = [n for n in ix.graph.node if n.op_type == "Conv"]
+    if not convs:
+        return None
+    conv_out = convs[0].output[0]
+    for node in ix.graph.node:
+        if node.op_type != "Concat" or ix.attr(node, "axis") not in (1, -2) or len(node.input) < 2:
+            continue
+        total, patch_inputs = 0, 0
+        for t in node.input:
+            if _reaches(ix, t, conv_out):
+                patch_inputs += 1
+                continue
+            k = _token_count(ix, t)
+            if k is None:
+                total = -1
+                break
+            total += k
+        if patch_inputs == 1 and total > 0:
+            return total
+    return None
+
+
+def _reaches(ix: GraphIndex, name: str, target: str, depth: int = 40) -> bool:
+    stack, seen = [(name, 0)], set()
+    while stack:
+        t, d = stack.pop()
+        if t == target:
+            return True
+        if t in seen or d > depth:
+            continue
+        seen.add(t)
+        node = ix.producer.get(t)
+        if node is not None:
+            stack.extend((i, d + 1) for i in node.input if i)
+    return False
+
+
+def _token_count(ix: GraphIndex, name: str) -> int | None:
+    for _ in range(10):
+        dims = ix.const_dims(name)
+        if dims is not None:
+            return dims[1] if len(dims) == 3 else None
+        node = ix.producer.get(name)
+        if node is None or node.op_type not in ("Expand", "Tile", "Identity", "Cast", "Add", "Concat"):
+            return None
+        if node.op_type == "Concat":
+            counts = [_token_count(ix, i) for i in node.input]
+            return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
+        if node.op_type == "Add":
+            # cls_token + its position embedding: both [1, 1, D]
+            name = next((i for i in node.input if ix.const_dims(i) is not None), node.input[0])
+            continue
+        name = node.input[0]
+    return None
+
+
+def infer_num_prefix_tokens(model: onnx.ModelProto, ix: GraphIndex | None = None) -> int | None:
+    """CLS + registers, from our own metadata, else from the token Concat."""
+    for p in model.metadata_props:
+        if p.key == "itae_export.num_prefix_tokens":
+            return int(p.value)
+    return _prefix_from_concat(ix or GraphIndex(model))

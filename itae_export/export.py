@@ -1,0 +1,163 @@
+"""torch -> ONNX. Input `pixel_values` [B,3,H,W] float32 with a dynamic batch axis, output
+`embedding` [B,D]. The dynamo exporter is the default: it peaks at about a third of the
+TorchScript exporter's memory on ViT-L (../shared/EXPORT_NOTES.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "embedding"
+EXPORTERS = ("dynamo", "torchscript")
+# Above this many bytes of weights, write them to an external `.data` file: it keeps ViT-L's
+# export peak under 2 GB, and ViT-g (4.5 GB) cannot be one protobuf at all (2 GiB limit).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
+
+
+def data_file_name(onnx_path: str | Path) -> str:
+    return Path(onnx_path).name + ".data"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print pages of progress and warnings; keep the CLI's output readable."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield buf
+        finally:
+            logging.getLogger("torch").setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module,
+    out_path: str | Path,
+    *,
+    img_size: int,
+    exporter: str = "dynamo",
+    opset: int | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Export `model` (forward(pixel_values) -> [B, D]) to `out_path`.
+
+    The file is written in a temporary directory next to `out_path` and moved into place with
+    its `.data` file (named `<out name>.data`) only when the export succeeded.
+    external_data=None decides by weight size (EXTERNAL_DATA_THRESHOLD).
+    """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is not valid; choose one of {', '.join(EXPORTERS)}")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    model = model.eval()
+    dummy = torch.zeros(2, 3, img_size, img_size)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    tmp = tmpdir / out.name
+    try:
+        with torch.no_grad(), _quiet() as log:
+            try:
+                if exporter == "dynamo":
+                    batch = torch.export.Dim("batch", min=1, max=4096)
+                    prog = torch.onnx.export(
+                        model,
+                        (dummy,),
+                        dynamo=True,
+                        input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        dynamic_shapes={"pixel_values": {0: batch}},
+                        opset_version=opset or 18,
+                        optimize=True,
+                        verbose=False,
+                    )
+                    prog.save(str(tmp), external_data=external_data)
+                else:
+                    torch.onnx.export(
+                        model,
+                        (dummy,),
+                        str(tmp),
+                        dynamo=False,
+                        input_names=[INPUT_NAME],
+                        output_names=[OUTPUT_NAME],
+                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                        opset_version=opset or 17,
+                        do_constant_folding=True,
+                    )
+            except Exception as e:  # noqa: BLE001 - exporter failures are many types
+                tail = log.getvalue().strip().splitlines()[-5:]
+                raise ExportError(
+                    f"{exporter} export of {type(model).__name__} failed: {type(e).__name__}: {e}"
+                    + (f"\n  exporter log: {' | '.join(tail)}" if tail else "")
+                    + "\n  hint: try --exporter " + ("torchscript" if exporter == "dynamo" else "dynamo")
+                ) from e
+        _normalise_external_data(tmp, external_data)
+        for f in tmpdir.iterdir():
+            os.chmod(f, 0o644)  # onnx.save writes .data files 0600; others must read what we ship
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def _normalise_external_data(path: Path, external: bool) -> None:
+    """One `<name>.data` file for all weights (TorchScript writes one file per tensor), or none."""
+    files = [f for f in path.parent.iterdir() if f != path]
+    want = data_file_name(path)
+    if not external:
+        if files:
+            m = onnx.load(str(path), load_external_data=True)
+            onnx.save_model(m, str(path))
+            for f in files:
+                f.unlink()
+        return
+    if [f.name for f in files] == [want]:
+        return
+    m = onnx.load(str(path), load_external_data=True)
+    for f in files:
+        f.unlink()
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=want, size_threshold=1024)
+
+
+def onnx_files(onnx_path: str | Path) -> list[Path]:
+    """The ONNX file and the external data files it references."""
+    p = Path(onnx_path)
+    m = onnx.load(str(p), load_external_data=False)
+    locs = set()
+    for t in _all_tensors(m.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    locs.add(kv.value)
+    return [p] + [p.parent / loc for loc in sorted(locs)]
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            for g in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+                yield from _all_tensors(g)

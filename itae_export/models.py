@@ -1,0 +1,286 @@
+"""DINOv2 model catalogue: timm backbones that compute what the official facebookresearch model
+computes at the chosen image size.
+
+timm resamples the position embedding once at load time (bicubic, antialias on, by size); the
+official code interpolates on the fly (plain models: by scale factor with a 0.1 offset, antialias
+off; `_reg` models: by size, antialias on). We keep the 37x37 source grid, run the official
+interpolation once at build time and bake the result as a constant buffer, so the exported graph
+holds no bicubic resize (which also sidesteps exporter failures on antialiased upsampling).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ModelError
+
+SOURCE_GRID = 37  # official checkpoints hold position embeddings for 518 px / 14 = 37 patches a side
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    timm_name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    num_registers: int
+    patch_size: int = 14
+
+    @property
+    def official_filename(self) -> str:
+        base = self.name.replace("_reg", "")
+        return f"{base}_reg4_pretrain.pth" if self.num_registers else f"{base}_pretrain.pth"
+
+
+def _specs() -> dict[str, ModelSpec]:
+    sizes = {
+        "s": ("small", 384, 12, 6),
+        "b": ("base", 768, 12, 12),
+        "l": ("large", 1024, 24, 16),
+        "g": ("giant", 1536, 40, 24),
+    }
+    out: dict[str, ModelSpec] = {}
+    for letter, (word, dim, depth, heads) in sizes.items():
+        for reg in (0, 4):
+            name = f"dinov2_vit{letter}14" + ("_reg" if reg else "")
+            timm_name = f"vit_{word}_patch14_" + ("reg4_dinov2" if reg else "dinov2")
+            out[name] = ModelSpec(name, timm_name, dim, depth, heads, reg)
+    return out
+
+
+CATALOGUE: dict[str, ModelSpec] = _specs()
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in CATALOGUE:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(CATALOGUE)}")
+    return CATALOGUE[name]
+
+
+def interpolate_pos_embed_official(
+    patch_pos: torch.Tensor, grid: tuple[int, int], *, registers: bool
+) -> torch.Tensor:
+    """Official DINOv2 interpolation of the patch position embeddings [1, M*M, D] -> [1, gh*gw, D].
+
+    Plain models: bicubic by scale factor (g + 0.1) / M, antialias off; `_reg` models: bicubic by
+    size, antialias on (their hub configs set interpolate_offset=0, interpolate_antialias=True).
+    """
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    m = int(math.isqrt(n))
+    if m * m != n:
+        raise ModelError(f"position embedding has {n} patch entries, not a square grid")
+    gh, gw = grid
+    if (gh, gw) == (m, m):
+        return patch_pos.clone()
+    src = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if registers:
+        out = F.interpolate(src, size=(gh, gw), mode="bicubic", antialias=True)
+    else:
+        out = F.interpolate(
+            src, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", antialias=False
+        )
+    if tuple(out.shape[-2:]) != (gh, gw):
+        raise ModelError(f"position embedding interpolation gave {tuple(out.shape[-2:])}, expected {(gh, gw)}")
+    return out.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(patch_pos.dtype)
+
+
+class DinoV2Embedder(nn.Module):
+    """forward(pixel_values [B,3,H,W], ImageNet-normalised) -> final-norm CLS token [B, D].
+
+    Tokens are [CLS, registers..., patches...]; the CLS token carries its own position embedding
+    (added at build time) and registers carry none, as in the official code.
+    """
+
+    def __init__(self, spec: ModelSpec, vit: nn.Module, cls_pos: torch.Tensor, patch_pos_src: torch.Tensor, img_size: int):
+        super().__init__()
+        self.spec = spec
+        self.vit = vit
+        self.img_size = img_size
+        self.grid = (img_size // spec.patch_size, img_size // spec.patch_size)
+        self.num_prefix_tokens = 1 + spec.num_registers
+        pos = interpolate_pos_embed_official(patch_pos_src, self.grid, registers=spec.num_registers > 0)
+        self.register_buffer("pos_embed_patches", pos.detach().clone(), persistent=False)
+        self.register_buffer("cls_token_pos", (vit.cls_token + cls_pos).detach().clone(), persistent=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vit.blocks
+
+    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Input tokens of the first block, [B, T, D]."""
+        b = pixel_values.shape[0]
+        x = self.vit.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed_patches
+        parts = [self.cls_token_pos.expand(b, -1, -1)]
+        if self.spec.num_registers:
+            parts.append(self.vit.reg_token.expand(b, -1, -1))
+        return torch.cat(parts + [x], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(pixel_values)
+        for blk in self.vit.blocks:
+            x = blk(x)
+        return self.vit.norm(x)[:, 0]
+
+
+def _create_timm(spec: ModelSpec, img_size: int, depth: int | None) -> nn.Module:
+    import timm
+
+    kwargs = {"pretrained": False, "img_size": img_size, "num_classes": 0}
+    if depth is not None:
+        kwargs["depth"] = depth
+    vit = timm.create_model(spec.timm_name, **kwargs)
+    return vit.eval()
+
+
+def randomize_(module: nn.Module, seed: int) -> None:
+    """Seeded random weights where every 1-D parameter is distinct (exporters merge identical
+    initializers, which would change the graph the pass sees)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim <= 1:
+                base = 1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight" else 0.0
+                if ".ls" in name or name.startswith("ls"):
+                    # LayerScale: large enough that every block changes the tokens
+                    p.copy_(0.1 + 0.05 * torch.rand(p.shape, generator=g))
+                else:
+                    p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(max(fan_in, 1)))
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"--weights {path} does not exist; pass the path of a DINOv2 .pth or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is the same user problem
+        raise ModelError(f"could not read weights file {path}: {e}; pass an official DINOv2 .pth or a timm .safetensors") from e
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path} holds no state dict")
+    return sd
+
+
+def _split_official_or_timm(sd: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Return (timm state dict without pos_embed, cls position [1,1,D], patch positions [1,M*M,D])."""
+    sd = dict(sd)
+    sd.pop("mask_token", None)
+    pos = sd.pop("pos_embed", None)
+    if pos is None:
+        raise ModelError("weights have no 'pos_embed'; is this a DINOv2 checkpoint?")
+    dim = spec.embed_dim
+    if pos.shape[-1] != dim:
+        raise ModelError(
+            f"weights have embedding size {pos.shape[-1]} but {spec.name} has {dim}; pick the model that matches the file"
+        )
+    official = "register_tokens" in sd or any(".mlp.w12." in k for k in sd) or pos.shape[1] == SOURCE_GRID**2 + 1
+    if "register_tokens" in sd:
+        sd["reg_token"] = sd.pop("register_tokens")
+    for k in list(sd):
+        if ".mlp.w12." in k:
+            sd[k.replace(".mlp.w12.", ".mlp.fc1.")] = sd.pop(k)
+        elif ".mlp.w3." in k:
+            sd[k.replace(".mlp.w3.", ".mlp.fc2.")] = sd.pop(k)
+    n = pos.shape[1]
+    if official and math.isqrt(n - 1) ** 2 == n - 1:
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    elif math.isqrt(n) ** 2 == n:
+        # timm `no_embed_class` layout (reg4 models): the CLS position is folded into cls_token
+        cls_pos, patch_pos = torch.zeros(1, 1, dim, dtype=pos.dtype), pos
+    else:
+        raise ModelError(f"position embedding with {n} entries matches no square grid")
+    has_reg = "reg_token" in sd
+    if has_reg != (spec.num_registers > 0):
+        hint = f"{spec.name}_reg" if has_reg else spec.name.replace("_reg", "")
+        raise ModelError(f"weights {'have' if has_reg else 'lack'} register tokens; use model {hint}")
+    return sd, cls_pos, patch_pos
+
+
+def default_weight_locations(spec: ModelSpec) -> list[Path]:
+    """Where we look when no --weights is given (torch hub checkpoints, HF cache of timm)."""
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+    locs = [torch_home / "hub" / "checkpoints" / spec.official_filename]
+    repo = hub / f"models--timm--{spec.timm_name}.lvd142m" / "snapshots"
+    if repo.is_dir():
+        locs.extend(sorted(repo.glob("*/model.safetensors")))
+    else:
+        locs.append(repo / "<revision>" / "model.safetensors")
+    return locs
+
+
+def find_weights(spec: ModelSpec) -> Path:
+    locs = default_weight_locations(spec)
+    for p in locs:
+        if p.is_file():
+            return p
+    looked = "\n  ".join(str(p) for p in locs)
+    raise ModelError(
+        f"no weights for {spec.name} found; looked in:\n  {looked}\n"
+        f"pass --weights PATH (official {spec.official_filename} or timm model.safetensors), "
+        "or --random-weights for a smoke test"
+    )
+
+
+def build_model(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    img_size: int = 224,
+    depth: int | None = None,
+) -> DinoV2Embedder:
+    spec = get_spec(name)
+    if img_size <= 0 or img_size % spec.patch_size:
+        raise ModelError(f"--img-size {img_size} must be a positive multiple of {spec.patch_size}")
+    if depth is not None and not random_weights:
+        raise ModelError("--depth (a reduced-depth model) is only for --random-weights test models")
+    if depth is not None and depth < 1:
+        raise ModelError(f"--depth must be >= 1, got {depth}")
+    if random_weights and weights is not None:
+        raise ModelError("give either --weights or --random-weights, not both")
+    vit = _create_timm(spec, img_size, depth)
+    dim = spec.embed_dim
+    if random_weights:
+        randomize_(vit, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        pos = 0.5 * torch.randn(1, 1 + SOURCE_GRID**2, dim, generator=g)
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    else:
+        path = Path(weights) if weights is not None else find_weights(spec)
+        sd, cls_pos, patch_pos = _split_official_or_timm(_load_state_dict(path), spec)
+        model_sd = vit.state_dict()
+        model_sd.pop("pos_embed", None)
+        missing = sorted(set(model_sd) - set(sd))
+        unexpected = sorted(set(sd) - set(model_sd))
+        if missing or unexpected:
+            raise ModelError(
+                f"weights {path} do not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                "check the model name (size, _reg) matches the file"
+            )
+        bad = [k for k in sd if sd[k].shape != model_sd[k].shape]
+        if bad:
+            raise ModelError(f"weights {path} have other shapes than {spec.name} for {bad[:3]}; check the model size")
+        vit.load_state_dict(sd, strict=False)
+    vit.pos_embed = None  # the embedder adds its baked position embedding itself
+    return DinoV2Embedder(spec, vit, cls_pos, patch_pos, img_size).eval()
