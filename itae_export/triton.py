@@ -319,51 +319,86 @@ def _cc_string(value: Any) -> str | None:
     return None
 
 
-def read_engine_sidecar(path: Path) -> dict[str, Any]:
-    """IO, compute capability and profile max batch from an engine's JSON sidecar.
+def _sha256(path: Path) -> str:
+    import hashlib
 
-    Accepted: {"inputs": [{"name", "dtype", "shape", optional "max_shape"}], "outputs": [...],
-    "compute_capability": "8.6" | [8, 6], "device_name", "tensorrt_version", "max_batch"}; the IO
-    lists may also sit under "io", or be given as {"name": {...}} maps.
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_engine_sidecar(path: Path) -> dict[str, Any]:
+    """IO, compute capability and profile max batch of an engine, from its JSON sidecar.
+
+    The sidecar itae_export.engine writes ("format": "itae-export.engine.v1") names the ONNX the engine
+    was built from ("onnx": {"file": path relative to the sidecar, "sha256"}): the IO (names, dtypes,
+    dims) is read from that ONNX, after checking its hash; "batch_profile" gives the max batch and
+    "gpu" the compute capability. A sidecar may instead list the IO itself: {"inputs": [{"name",
+    "dtype", "shape", optional "max_shape"}], "outputs": [...], "compute_capability", "max_batch"}.
     """
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DeployError(f"engine sidecar {path} is not readable JSON ({e}); rebuild the engine") from e
-    io_root = data.get("io", data)
-
-    def specs(kind: str) -> tuple[list[TensorSpec], list[int]]:
-        items = io_root.get(kind)
-        if isinstance(items, dict):
-            items = [{"name": k, **v} for k, v in items.items()]
-        if not items:
-            raise DeployError(f"engine sidecar {path} lists no {kind}; rebuild the engine with itae-export")
-        out, max_batches = [], []
-        for it in items:
-            shape = it.get("shape")
-            if "name" not in it or shape is None:
-                raise DeployError(f"engine sidecar {path}: each of {kind} needs 'name' and 'shape'")
-            dtype = _sidecar_dtype(it.get("dtype", it.get("data_type")), f"{path} {kind} {it['name']}")
-            out.append(TensorSpec(it["name"], dtype, tuple(int(d) for d in shape)))
-            if it.get("max_shape"):
-                max_batches.append(int(it["max_shape"][0]))
-            elif isinstance(it.get("profile"), dict) and it["profile"].get("max"):
-                max_batches.append(int(it["profile"]["max"][0]))
-        return out, max_batches
-
-    ins, mb = specs("inputs")
-    outs, _ = specs("outputs")
-    max_batch = data.get("max_batch", min(mb) if mb else None)
-    cc = _cc_string(data.get("compute_capability") or data.get("cc") or data.get("sm"))
-    return {
-        "inputs": ins,
-        "outputs": outs,
-        "compute_capability": cc,
-        "device_name": data.get("device_name") or data.get("device") or data.get("gpu"),
-        "tensorrt_version": data.get("tensorrt_version") or data.get("trt_version"),
-        "max_batch": int(max_batch) if max_batch is not None else None,
+    gpu = data.get("gpu") if isinstance(data.get("gpu"), dict) else {}
+    profile = data.get("batch_profile") or {}
+    max_batch = data.get("max_batch")
+    if max_batch is None and profile.get("max"):
+        max_batch = int(profile["max"][0])
+    info: dict[str, Any] = {
+        "compute_capability": _cc_string(gpu.get("compute_capability") or data.get("compute_capability")),
+        "device_name": gpu.get("name") or data.get("device_name"),
+        "tensorrt_version": data.get("tensorrt_version"),
+        "precision": data.get("precision"),
         "raw": data,
     }
+    io_root = data.get("io", data)
+    if io_root.get("inputs") and io_root.get("outputs"):
+        ins, mb = _sidecar_specs(path, io_root, "inputs")
+        outs, _ = _sidecar_specs(path, io_root, "outputs")
+        if max_batch is None and mb:
+            max_batch = min(mb)
+        info["onnx_metadata"] = {}
+    elif isinstance(data.get("onnx"), dict) and data["onnx"].get("file"):
+        import onnx
+
+        onnx_path = (path.parent / data["onnx"]["file"]).resolve()
+        if not onnx_path.is_file():
+            raise DeployError(
+                f"engine sidecar {path} takes the IO from {onnx_path} (the ONNX the engine was built from), "
+                "which is missing; keep that ONNX where it was, or rebuild the engine"
+            )
+        want = data["onnx"].get("sha256")
+        if want and _sha256(onnx_path) != want:
+            raise DeployError(
+                f"{onnx_path} changed since the engine was built (sha256 differs from {path}); "
+                "rebuild the engine from the current ONNX"
+            )
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        ins, outs = _onnx_specs(proto)
+        info["onnx_metadata"] = {q.key: q.value for q in proto.metadata_props}
+    else:
+        raise DeployError(f"engine sidecar {path} has neither IO lists nor the source ONNX; rebuild the engine")
+    info.update(inputs=ins, outputs=outs, max_batch=int(max_batch) if max_batch is not None else None)
+    return info
+
+
+def _sidecar_specs(path: Path, io_root: dict, kind: str) -> tuple[list[TensorSpec], list[int]]:
+    items = io_root.get(kind)
+    if isinstance(items, dict):
+        items = [{"name": k, **v} for k, v in items.items()]
+    out, max_batches = [], []
+    for it in items:
+        shape = it.get("shape")
+        if "name" not in it or shape is None:
+            raise DeployError(f"engine sidecar {path}: each of {kind} needs 'name' and 'shape'")
+        dtype = _sidecar_dtype(it.get("dtype", it.get("data_type")), f"{path} {kind} {it['name']}")
+        out.append(TensorSpec(it["name"], dtype, tuple(int(d) for d in shape)))
+        if it.get("max_shape"):
+            max_batches.append(int(it["max_shape"][0]))
+    return out, max_batches
 
 
 def _engine_info_from_tensorrt(path: Path) -> dict[str, Any]:
@@ -581,6 +616,7 @@ def write_triton_repo(
     proto = None
     sidecar = None
     record: dict[str, Any] = {}
+    l2_applied = False
 
     if platform == "onnxruntime_onnx":
         import onnx
@@ -610,10 +646,24 @@ def write_triton_repo(
             raise UsageError(
                 f"--input-format float32-nchw: engine {src} takes uint8 NHWC pixels; drop the flag"
             )
+        engine_md = info.get("onnx_metadata")  # metadata of the ONNX the engine was built from, if known
         if opts.l2_normalize:
-            notes.append(
-                "--l2-normalize cannot be checked on an engine; it must have been applied before building"
-            )
+            from graph_passes.preprocess import L2_NORMALIZE_KEY
+
+            if engine_md is None:
+                notes.append("--l2-normalize cannot be checked on this engine; it must have been built with it")
+            elif L2_NORMALIZE_KEY not in engine_md:
+                raise UsageError(
+                    f"--l2-normalize: engine {src} was built from an ONNX without it; apply the graph options "
+                    "to the ONNX before building the engine (itae_export.triton.apply_graph_options)"
+                )
+        if engine_md:
+            l2_applied = _has_l2(engine_md)
+        if meta is None and sidecar is not None:
+            raw = info["raw"]
+            meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
+        if info.get("precision"):
+            comments.append(f"TensorRT precision: {info['precision']}")
         if cc:
             dev = f" ({info['device_name']})" if info.get("device_name") else ""
             comments.append(
@@ -654,7 +704,9 @@ def write_triton_repo(
         else "float, ImageNet-normalised NCHW"
     )
     comments.append(f"input {ins[0].name!r}: {fmt}")
-    if "l2_normalize" in record or (proto is not None and _has_l2(proto)):
+    if proto is not None:
+        l2_applied = _has_l2({q.key: q.value for q in proto.metadata_props})
+    if l2_applied:
         comments.append("output is L2-normalised (unit length): use inner product / cosine")
 
     config_text = render_config(
@@ -713,10 +765,10 @@ def write_triton_repo(
     )  # fmt: skip
 
 
-def _has_l2(proto) -> bool:
+def _has_l2(metadata: dict[str, str]) -> bool:
     from graph_passes.preprocess import L2_NORMALIZE_KEY
 
-    return any(p.key == L2_NORMALIZE_KEY for p in proto.metadata_props)
+    return L2_NORMALIZE_KEY in metadata
 
 
 def _copy_file(src: Path, dst: Path) -> Path:

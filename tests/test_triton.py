@@ -307,3 +307,47 @@ def test_standalone_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     )  # float vs uint8
     assert "another model" in capsys.readouterr().err
     assert main([str(src)]) == UsageError.exit_code
+
+
+def test_plan_from_engine_builder_sidecar(tmp_path: Path) -> None:
+    """The sidecar itae_export.engine writes: IO from the ONNX it names (hash-checked), profile, GPU."""
+    engine = pytest.importorskip("itae_export.engine")
+    d = tmp_path / "build"
+    src = save_tiny(d / "m.onnx")
+    deploy_onnx = apply_graph_options(src, d / "m.deploy.onnx", GraphOptions("uint8-nhwc", True))
+    eng = d / "m.engine"
+    eng.write_bytes(b"plan bytes")
+    result = engine.EngineBuildResult(
+        engine_path=eng, precision="fp16", builder="tensorrt-python", tensorrt_version="10.9",
+        input_name="pixel_values", profile={"min": [1, H, W, 3], "opt": [4, H, W, 3], "max": [16, H, W, 3]},
+        strongly_typed=False, tf32=False,
+    )  # fmt: skip
+    gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    meta = {"model": "dinov2_vits14", "img_size": H, "itae": {"norm_source": "v"}}
+    engine.write_sidecar(
+        eng, engine.sidecar_data(result, deploy_onnx, engine.EngineOptions(), meta, gpu, None)
+    )
+    res = write_triton_repo(
+        eng, tmp_path / "repo", model_name="trt", graph_options=GraphOptions("uint8-nhwc", True)
+    )
+    cfg = parse(res.config_path)
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16
+    assert dict(cfg.cc_model_filenames) == {"9.0": "model.plan"}
+    assert [(model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == [
+        ("TYPE_UINT8", [H, W, 3])
+    ]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("embedding", [D])]
+    text = res.config_path.read_text()
+    assert "NVIDIA H100" in text and "L2-normalised" in text and "dinov2_vits14" in text
+    # an engine built without the options is refused when they are asked for
+    plain = d / "plain.engine"
+    plain.write_bytes(b"plan bytes")
+    engine.write_sidecar(plain, engine.sidecar_data(result, src, engine.EngineOptions(), meta, gpu, None))
+    with pytest.raises(UsageError, match="l2-normalize"):
+        write_triton_repo(plain, tmp_path / "repo2", model_name="p", graph_options=GraphOptions(None, True))
+    # the ONNX changed after the build: its IO no longer describes the engine
+    for f in (d / "m.onnx", d / "m.onnx.data"):
+        f.unlink()
+    save_tiny(d / "m.onnx", d=D + 1)
+    with pytest.raises(DeployError, match="changed since the engine was built"):
+        write_triton_repo(plain, tmp_path / "repo2", model_name="p")
