@@ -455,6 +455,12 @@ def build_script_text(
             "  exit 4 ;;",
             "esac",
         ]
+    # trtexec does not create folders for the engine or the timing cache.
+    dirs = sorted({os.path.dirname(_rel(engine_path, here))}
+                  | ({os.path.dirname(_rel(options.timing_cache, here))} if options.timing_cache else set()))
+    dirs = [d for d in dirs if d and d != "."]
+    if dirs:
+        lines.append("mkdir -p " + " ".join(shlex.quote(d) for d in dirs))
     quoted = [c if c == "$TRTEXEC" else shlex.quote(c) for c in cmd]
     lines.append('"$TRTEXEC" \\')
     for i, arg in enumerate(quoted[1:]):
