@@ -277,23 +277,41 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_onnx_settings(onnx_ident: dict, cfg_dict: dict | None, flag: str) -> None:
-    """Refuse an ONNX whose recorded ITAE settings differ from the ones PyTorch is run with: the
-    comparison would measure the settings, not the backend."""
-    meta = onnx_ident.get("metadata", {})
-    raw = meta.get("itae")
-    if raw is None:
-        return
+def _recorded_itae(onnx_ident: dict) -> dict | None:
+    """The ITAE settings the graph pass wrote into the model's metadata (None: not an ITAE model)."""
     try:
-        recorded = json.loads(raw)
+        from graph_passes.match import META_SETTINGS_KEY
+    except ImportError:
+        META_SETTINGS_KEY = "itae.settings"
+    raw = onnx_ident.get("metadata", {}).get(META_SETTINGS_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
     except json.JSONDecodeError:
-        return
-    if isinstance(recorded, dict) and "itae" in recorded:
-        recorded = recorded["itae"]
-    if recorded != cfg_dict:
+        return {"unreadable": raw}
+
+
+def _check_onnx_settings(path: str, cfg_dict: dict | None, flag: str) -> None:
+    """Refuse a model that does not match the PyTorch run it is compared with: an ITAE model exported
+    with other settings, a baseline given as --onnx, or an ITAE model given as --onnx-baseline. The
+    comparison would otherwise measure the settings, not the backend."""
+    from .embed import onnx_identity
+
+    recorded = _recorded_itae(onnx_identity(path))
+    if cfg_dict is None and recorded is not None:
         raise UsageError(
-            f"{flag} was exported with ITAE settings {recorded}, but this run uses {cfg_dict}; "
-            "pass the same settings (e.g. --settings FILE used for the export) or the matching model"
+            f"{flag} {path} is an ITAE model (settings {recorded}); pass it as --onnx, or pass the unpatched export"
+        )
+    if cfg_dict is not None and recorded is None:
+        raise UsageError(
+            f"{flag} {path} carries no ITAE settings in its metadata, so it is not an ITAE model from itae-export/itae-patch; "
+            "pass it as --onnx-baseline, or pass the patched model"
+        )
+    if cfg_dict is not None and recorded != cfg_dict:
+        raise UsageError(
+            f"{flag} {path} was patched with ITAE settings {recorded}, but this run uses {cfg_dict}; "
+            "pass the same ITAE flags (or the --settings FILE used for the export), or the matching model"
         )
 
 
@@ -320,6 +338,11 @@ def eval_command(argv: list[str] | None) -> int:
                     f"{p} already exists; pass --force to overwrite it or choose another --report-dir"
                 )
     cfg = _itae_hooks()[1](args)
+    # Cheap checks of the given models before any image is read.
+    if args.onnx_baseline:
+        _check_onnx_settings(args.onnx_baseline, None, "--onnx-baseline")
+    if args.onnx:
+        _check_onnx_settings(args.onnx, cfg.to_dict(), "--onnx")
     km_settings = KMeansSettings(
         n_clusters=args.n_clusters, seed=args.kmeans_seed, n_init=args.n_init, normalize=args.normalize
     )
@@ -332,12 +355,10 @@ def eval_command(argv: list[str] | None) -> int:
     providers = args.ort_providers.split(",") if args.ort_providers else None
     if args.onnx_baseline:
         be = onnx_backend(args.onnx_baseline, name="onnxruntime-baseline", itae=None, providers=providers)
-        _check_onnx_settings(be.identity["onnx"], None, "--onnx-baseline")
         backends.append(be)
         compare_to[be.name] = "torch-baseline"
     if args.onnx:
         be = onnx_backend(args.onnx, name="onnxruntime-itae", itae=cfg.to_dict(), providers=providers)
-        _check_onnx_settings(be.identity["onnx"], cfg.to_dict(), "--onnx")
         backends.append(be)
         compare_to[be.name] = "torch-itae"
     if args.engine:

@@ -1,0 +1,141 @@
+"""itae-eval end to end on scikit-learn's digits with a small random model: PyTorch baseline and ITAE,
+ONNX Runtime on the exported (and ITAE-patched) models, backend agreement, the embeddings cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("timm")
+pytest.importorskip("onnxruntime")
+
+from graph_passes.config import ITAEConfig  # noqa: E402
+from itae_export.eval_cli import eval_main  # noqa: E402
+
+MODEL = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56"]
+# gamma 1.1 flags a good share of a random model's patches, so ITAE visibly changes the embedding.
+ITAE_FLAGS = ["--relative-threshold", "1.1"]
+CFG = ITAEConfig(relative_threshold=1.1)
+DATA = ["--dataset", "digits", "--limit", "200", "--no-progress", "--n-init", "4"]
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory) -> tuple[Path, Path]:
+    """(baseline ONNX, ITAE ONNX) of the same random model, as itae-export / itae-patch make them."""
+    import onnx
+
+    from graph_passes.itae import apply_itae
+    from itae_export.export import export_onnx
+    from itae_export.models import build_model
+
+    d = tmp_path_factory.mktemp("onnx")
+    embedder = build_model("dinov2_vits14", random_weights=True, depth=2, img_size=56)
+    base = export_onnx(embedder, d / "base.onnx", img_size=56)
+    patched, _ = apply_itae(onnx.load(str(base)), CFG, num_prefix_tokens=embedder.num_prefix_tokens)
+    itae = d / "itae.onnx"
+    onnx.save(patched, str(itae))
+    return base, itae
+
+
+def _report(d: Path) -> dict:
+    return json.loads((d / "report.json").read_text())
+
+
+def test_eval_digits_baseline_itae_and_onnx_runtime(tmp_path: Path, onnx_models, capsys) -> None:
+    base, itae = onnx_models
+    out = tmp_path / "report"
+    argv = (
+        MODEL
+        + DATA
+        + ITAE_FLAGS
+        + ["--onnx", str(itae), "--onnx-baseline", str(base), "--report-dir", str(out), "--viz", "2"]
+    )
+    assert eval_main(argv) == 0, capsys.readouterr().err
+    r = _report(out)
+    assert set(r["runs"]) == {"torch-baseline", "torch-itae", "onnxruntime-baseline", "onnxruntime-itae"}
+    for run in r["runs"].values():
+        m = run["metrics"]
+        # Hungarian ACC can never fall below the largest class share when k = number of classes.
+        assert (
+            max(np.bincount(_labels(r))) / 200 <= m["acc"] <= 1 and 0 <= m["nmi"] <= 1 and -1 <= m["ari"] <= 1
+        )
+        assert run["embedding"]["cached"] is False and run["kmeans"]["k"] == 10
+    assert r["dataset"]["count"] == 200 and r["dataset"]["subset"]["of"] == 1797
+    assert r["itae"] == CFG.to_dict() and r["runs"]["onnxruntime-itae"]["itae"] == CFG.to_dict()
+    assert r["preprocessing"]["resize_size"] == 64 and r["kmeans"]["n_init"] == 4
+
+    # Each exported model reproduces its PyTorch counterpart.
+    for name in ("onnxruntime-itae vs torch-itae", "onnxruntime-baseline vs torch-baseline"):
+        ag = r["agreement"][name]
+        assert ag["assignment_ari"] >= 0.99 and ag["cos_mean"] >= 0.99999, (name, ag)
+
+    # ITAE really acted: its embeddings differ from the baseline's, and the ONNX ITAE follows PyTorch ITAE.
+    emb = {k: np.load(v["embedding"]["cache_file"]) for k, v in r["runs"].items()}
+    cos = _cos(emb["torch-baseline"], emb["torch-itae"])
+    assert cos.min() < 0.9999
+    assert _cos(emb["onnxruntime-itae"], emb["torch-itae"]).min() > 0.9999
+
+    md = (out / "report.md").read_text()
+    assert "| torch-itae | torch |" in md and "Backend agreement" in md and "centre crop 56x56" in md
+    pngs = sorted(p.name for p in out.rglob("*.png"))
+    assert "norm_histogram.png" in pngs and len(pngs) == 3
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in out.rglob("*.png"))
+
+
+def _labels(r: dict) -> np.ndarray:
+    from itae_export.data import load_dataset
+
+    return (
+        load_dataset("digits").subset(r["dataset"]["subset"]["limit"], r["dataset"]["subset"]["seed"]).labels
+    )
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_embeddings_cache_hits_only_on_an_identical_description(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    argv = MODEL + DATA + ITAE_FLAGS + ["--report-dir", str(out), "--viz", "0"]
+    assert eval_main(argv) == 0
+    first = _report(out)
+    assert eval_main(argv) == 2  # the report exists
+    assert "already exists" in capsys.readouterr().err
+    assert eval_main(argv + ["--force"]) == 0
+    second = _report(out)
+    assert all(run["embedding"]["cached"] for run in second["runs"].values())
+    for name in first["runs"]:
+        assert second["runs"][name]["metrics"] == first["runs"][name]["metrics"]
+    # Another ITAE setting: the baseline is reused, ITAE is recomputed.
+    assert (
+        eval_main(
+            MODEL + DATA + ["--relative-threshold", "1.2", "--report-dir", str(out), "--viz", "0", "--force"]
+        )
+        == 0
+    )
+    third = _report(out)
+    assert third["runs"]["torch-baseline"]["embedding"]["cached"] is True
+    assert third["runs"]["torch-itae"]["embedding"]["cached"] is False
+    assert len(list((out / "embeddings").glob("*.json"))) == 3
+    meta = json.loads(
+        Path(third["runs"]["torch-itae"]["embedding"]["cache_file"]).with_suffix(".json").read_text()
+    )
+    assert meta["itae"]["relative_threshold"] == 1.2 and meta["data"]["count"] == 200
+    assert meta["model"]["weights"] == {"random": True, "seed": 0} and meta["preprocessing"]["img_size"] == 56
+
+
+def test_mismatched_onnx_is_refused(tmp_path: Path, onnx_models, capsys) -> None:
+    base, itae = onnx_models
+    common = MODEL + DATA + ["--report-dir", str(tmp_path / "r")]
+    assert eval_main(common + ["--relative-threshold", "1.5", "--onnx", str(itae)]) == 2
+    assert "was patched with ITAE settings" in capsys.readouterr().err
+    assert eval_main(common + ITAE_FLAGS + ["--onnx", str(base)]) == 2
+    assert "carries no ITAE settings" in capsys.readouterr().err
+    assert eval_main(common + ["--onnx-baseline", str(itae)]) == 2
+    assert "is an ITAE model" in capsys.readouterr().err
+    assert eval_main(MODEL + ["--dataset", "cifar10", "--report-dir", str(tmp_path / "r")]) == 2
+    assert "needs --data-root" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.json").exists()
