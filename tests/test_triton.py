@@ -351,3 +351,94 @@ def test_plan_from_engine_builder_sidecar(tmp_path: Path) -> None:
     save_tiny(d / "m.onnx", d=D + 1)
     with pytest.raises(DeployError, match="changed since the engine was built"):
         write_triton_repo(plain, tmp_path / "repo2", model_name="p")
+
+
+# ------------------------------------------------------------------- a small random DINOv2, end to end
+
+
+@pytest.fixture(scope="module")
+def dinov2_onnx(tmp_path_factory: pytest.TempPathFactory):
+    """Random 2-block ViT-S/14 at 28 px, exported (dynamo, weights in .data) and ITAE-patched."""
+    torch = pytest.importorskip("torch")
+    from graph_passes.config import ITAEConfig
+    from graph_passes.itae import apply_itae
+    from graph_passes.preprocess import save_model
+    from itae_export.export import export_onnx
+    from itae_export.models import build_model
+    from itae_export.reference import ITAEReference
+
+    torch.manual_seed(0)
+    embedder = build_model("dinov2_vits14", random_weights=True, depth=2, img_size=28).eval()
+    d = tmp_path_factory.mktemp("dino")
+    plain = export_onnx(embedder, d / "dino.onnx", img_size=28, exporter="dynamo", external_data=True)
+    cfg = ITAEConfig(relative_threshold=1.0)  # low gamma: random weights have no real artifacts
+    patched, _ = apply_itae(onnx.load(str(plain), load_external_data=False), cfg, num_prefix_tokens=1)
+    itae_path = save_model(patched, d / "dino.itae.onnx", source_path=plain)
+    return {"torch": torch, "reference": ITAEReference(embedder, cfg).eval(), "onnx": itae_path, "dir": d}
+
+
+def _torch_same_preprocessing(torch, reference, px: np.ndarray, l2: bool) -> np.ndarray:
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    x = (x - torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(
+        STD, dtype=torch.float32
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        y = reference(x)
+        if l2:
+            y = torch.nn.functional.normalize(y, dim=-1)
+    return y.numpy()
+
+
+@pytest.mark.parametrize(("fmt", "l2"), [("uint8-nhwc", False), (None, True), ("uint8-nhwc", True)])
+def test_dinov2_graph_options_match_pytorch(dinov2_onnx, fmt: str | None, l2: bool) -> None:
+    torch, reference, src = dinov2_onnx["torch"], dinov2_onnx["reference"], dinov2_onnx["onnx"]
+    tag = f"{fmt}-{l2}"
+    out = apply_graph_options(src, dinov2_onnx["dir"] / f"dino.{tag}.onnx", GraphOptions(fmt, l2))
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    if fmt:
+        assert ops[:4] == ["Cast", "Transpose", "Mul", "Add"]
+    if l2:
+        assert ops[-3:] == ["ReduceL2", "Max", "Div"]
+    assert any(p.key == "itae.settings" for p in model.metadata_props)  # the ITAE record is carried over
+    px = np.random.default_rng(7).integers(0, 256, size=(3, 28, 28, 3), dtype=np.uint8)
+    want = _torch_same_preprocessing(torch, reference, px, l2)
+    if fmt:
+        got = run(out, px)
+    else:
+        x = ((px.transpose(0, 3, 1, 2) / 255.0 - MEAN.reshape(1, 3, 1, 1)) / STD.reshape(1, 3, 1, 1)).astype(
+            np.float32
+        )
+        got = run(out, x)
+    cos = np.sum(want * got, 1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.min() >= 0.99999
+    assert np.max(np.abs(want - got)) < (1e-5 if l2 else 1e-4)
+    if l2:
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    # the ONNX-level check the CLI can run agrees
+    assert verify_graph_options(src, out)["cos_min"] >= 0.99999
+
+
+def test_dinov2_triton_repo(dinov2_onnx, tmp_path: Path) -> None:
+    src = dinov2_onnx["onnx"]
+    repo = tmp_path / "repo"
+    meta = {"model": "dinov2_vits14", "img_size": 28, "itae": {"relative_threshold": 1.0}}
+    r1 = write_triton_repo(src, repo, model_name="dino", max_batch=8, meta=meta)
+    cfg = parse(r1.config_path)
+    assert_config_matches_session(cfg, r1.version_dir / "model.onnx")
+    assert list(cfg.input[0].dims) == [3, 28, 28] and list(cfg.output[0].dims) == [384]
+    v1 = tree_digest(r1.version_dir)
+    r2 = write_triton_repo(src, repo, model_name="dino", max_batch=8, meta=meta)
+    assert r2.version == 2 and tree_digest(r1.version_dir) == v1
+    with pytest.raises(DeployError, match="another model"):
+        write_triton_repo(src, repo, model_name="dino", max_batch=8, graph_options=GraphOptions("uint8-nhwc"))
+    r3 = write_triton_repo(
+        src, repo, model_name="dino_raw", max_batch=8, graph_options=GraphOptions("uint8-nhwc", True)
+    )
+    cfg3 = parse(r3.config_path)
+    assert_config_matches_session(cfg3, r3.version_dir / "model.onnx")
+    assert list(cfg3.input[0].dims) == [28, 28, 3]
+    px = np.random.default_rng(1).integers(0, 256, size=(2, 28, 28, 3), dtype=np.uint8)
+    want = _torch_same_preprocessing(dinov2_onnx["torch"], dinov2_onnx["reference"], px, True)
+    np.testing.assert_allclose(run(r3.version_dir / "model.onnx", px), want, atol=1e-5)
