@@ -1,0 +1,74 @@
+"""Runners with one interface, .run(x: np.ndarray) -> np.ndarray, so the same parity code compares
+PyTorch, ONNX Runtime and TensorRT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import EngineError, UsageError
+
+BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
+
+
+class Runner(Protocol):
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRunner:
+    def __init__(self, module):
+        self.module = module.eval()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+class OrtRunner:
+    def __init__(self, onnx_path: str | Path, providers: list | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        p = Path(onnx_path)
+        if not p.is_file():
+            raise UsageError(f"ONNX file {p} does not exist")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(p), opts, providers=providers or ["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+        self.output_name = self.session.get_outputs()[0].name
+        self._np_type = np.float16 if self.input.type == "tensor(float16)" else None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if self._np_type is not None and x.dtype == np.float32:
+            x = x.astype(self._np_type)
+        return self.session.run([self.output_name], {self.input.name: x})[0]
+
+
+def make_runner(backend: str, target) -> Runner:
+    """target: an nn.Module for "torch", an ONNX path for the ONNX Runtime backends, an engine path
+    for "tensorrt"."""
+    if backend == "torch":
+        return TorchRunner(target)
+    if backend == "onnxruntime":
+        return OrtRunner(target)
+    if backend in ("ort-cuda", "ort-trt"):
+        try:
+            from .trt_runner import ort_gpu_providers
+        except ImportError as e:
+            raise EngineError(f"backend {backend} needs itae_export.trt_runner: {e}") from e
+        return OrtRunner(target, providers=ort_gpu_providers("cuda" if backend == "ort-cuda" else "tensorrt", None))
+    if backend == "tensorrt":
+        from .trt_runner import TrtRunner
+
+        return TrtRunner(target)
+    raise UsageError(f"--backend {backend!r} is not valid; choose one of {', '.join(BACKENDS)}")
+
+
+def run_batched(runner: Runner, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)], axis=0)
