@@ -315,6 +315,31 @@ def _check_onnx_settings(path: str, cfg_dict: dict | None, flag: str) -> None:
         )
 
 
+def _check_engine_settings(path: str, cfg_dict: dict) -> dict | None:
+    """The engine builder's sidecar (`<engine>.json`) records the ITAE settings of the ONNX it was built
+    from; refuse a mismatch like for --onnx. Returns the sidecar's precision facts (None: no sidecar)."""
+    side = Path(str(path) + ".json")
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(
+            f"engine sidecar {side} is not readable JSON ({e}); rebuild the engine with itae-export"
+        ) from e
+    recorded = data.get("itae")
+    if recorded is None:
+        raise UsageError(
+            f"--engine {path} was built from a model without ITAE (sidecar {side}); pass the ITAE engine"
+        )
+    if recorded != cfg_dict:
+        raise UsageError(
+            f"--engine {path} was built with ITAE settings {recorded}, but this run uses {cfg_dict}; "
+            "pass the same ITAE flags (or --settings FILE), or the matching engine"
+        )
+    return {k: data.get(k) for k in ("precision", "tf32", "tensorrt_version", "gpu", "img_size", "model")}
+
+
 def eval_command(argv: list[str] | None) -> int:
     from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
     from .embed import (
@@ -343,6 +368,7 @@ def eval_command(argv: list[str] | None) -> int:
         _check_onnx_settings(args.onnx_baseline, None, "--onnx-baseline")
     if args.onnx:
         _check_onnx_settings(args.onnx, cfg.to_dict(), "--onnx")
+    engine_facts = _check_engine_settings(args.engine, cfg.to_dict()) if args.engine else None
     km_settings = KMeansSettings(
         n_clusters=args.n_clusters, seed=args.kmeans_seed, n_init=args.n_init, normalize=args.normalize
     )
@@ -363,6 +389,7 @@ def eval_command(argv: list[str] | None) -> int:
         compare_to[be.name] = "torch-itae"
     if args.engine:
         be = tensorrt_backend(args.engine, name="tensorrt-itae", itae=cfg.to_dict())
+        be.identity["sidecar"] = engine_facts
         backends.append(be)
         compare_to[be.name] = "torch-itae"
 

@@ -139,3 +139,21 @@ def test_mismatched_onnx_is_refused(tmp_path: Path, onnx_models, capsys) -> None
     assert eval_main(MODEL + ["--dataset", "cifar10", "--report-dir", str(tmp_path / "r")]) == 2
     assert "needs --data-root" in capsys.readouterr().err
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_engine_sidecar_settings_are_checked(tmp_path: Path, capsys) -> None:
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    side = tmp_path / "m.engine.json"
+    common = MODEL + DATA + ["--report-dir", str(tmp_path / "r"), "--engine", str(engine)]
+    side.write_text(json.dumps({"itae": ITAEConfig().to_dict(), "precision": "fp16"}))
+    assert eval_main(common + ITAE_FLAGS) == 2
+    assert "was built with ITAE settings" in capsys.readouterr().err
+    side.write_text(json.dumps({"itae": None}))
+    assert eval_main(common + ITAE_FLAGS) == 2
+    assert "without ITAE" in capsys.readouterr().err
+    # Matching settings get as far as loading the engine: no TensorRT here, and no valid engine anyway.
+    side.write_text(json.dumps({"itae": CFG.to_dict(), "precision": "fp16"}))
+    rc = eval_main(common + ITAE_FLAGS)
+    err = capsys.readouterr().err
+    assert rc == 4 and err.startswith("error:"), err  # EngineError
