@@ -18,81 +18,11 @@ from .errors import ItaeError, OutputExistsError, UsageError
 # --------------------------------------------------------------------------------------------- options
 
 
-def _own_add_itae_args(parser: argparse.ArgumentParser) -> None:
-    """Stand-in for itae_export.cli.add_itae_args (used only when that is missing)."""
-    from graph_passes.config import ATTENUATIONS, DIRECTIONS, NORM_SCOPES, NORM_SOURCES, RELATIVE_STATS, ROWS
-
-    g = parser.add_argument_group(
-        "ITAE settings (default: the values in ITAE.md; --settings FILE first, flags override)"
-    )
-    g.add_argument("--settings", metavar="FILE", help="ITAE settings JSON (as written by itae-calibrate)")
-    g.add_argument(
-        "--norm-source", choices=NORM_SOURCES, default=None, help="which of q/k/v gives token lengths (v)"
-    )
-    g.add_argument(
-        "--norm-scope", choices=NORM_SCOPES, default=None, help="length over all heads (token) or per head"
-    )
-    g.add_argument(
-        "--direction", choices=DIRECTIONS, default=None, help="artifacts are longer (high) or shorter (low)"
-    )
-    g.add_argument(
-        "--threshold", type=float, default=None, help="absolute length threshold (from itae-calibrate)"
-    )
-    g.add_argument(
-        "--relative-threshold",
-        type=float,
-        default=None,
-        metavar="GAMMA",
-        help="per-image rule: GAMMA x mean patch length",
-    )
-    g.add_argument(
-        "--relative-stat", choices=RELATIVE_STATS, default=None, help="statistic of the relative rule (mean)"
-    )
-    g.add_argument(
-        "--attenuation",
-        choices=ATTENUATIONS,
-        default=None,
-        help="how flagged tokens are attenuated (min-logit)",
-    )
-    g.add_argument("--alpha", type=float, default=None, help="weight factor for --attenuation scale (0)")
-    g.add_argument(
-        "--rows", choices=ROWS, default=None, help="attenuate the CLS query row only (cls) or every row"
-    )
-
-
-def _own_itae_config_from_args(args: argparse.Namespace):
-    from graph_passes.config import ITAEConfig
-
-    data = ITAEConfig.from_file(args.settings).to_dict() if getattr(args, "settings", None) else {}
-    names = (
-        "norm_source",
-        "norm_scope",
-        "direction",
-        "threshold",
-        "relative_threshold",
-        "relative_stat",
-        "attenuation",
-        "alpha",
-        "rows",
-    )
-    over = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    # A rule given on the command line replaces the file's rule of the other kind (they are exclusive).
-    if "threshold" in over:
-        data.pop("relative_threshold", None)
-    if "relative_threshold" in over:
-        data.pop("threshold", None)
-    data.update(over)
-    return ITAEConfig.from_dict(data)
-
-
 def _itae_hooks():
-    """(add_itae_args, itae_config_from_args): the lead's shared definitions when present."""
-    try:
-        from . import cli
+    """(add_itae_args, itae_config_from_args): the ITAE flags shared with itae-export / itae-patch."""
+    from .cli import add_itae_args, itae_config_from_args
 
-        return cli.add_itae_args, cli.itae_config_from_args
-    except (ImportError, AttributeError):
-        return _own_add_itae_args, _own_itae_config_from_args
+    return add_itae_args, itae_config_from_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
