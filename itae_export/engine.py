@@ -176,22 +176,28 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "Build a TensorRT engine from the exported ONNX and check it against PyTorch. A trtexec script "
         f"({SCRIPT_NAME}) is always written next to the ONNX.",
     )
-    g.add_argument("--precision", choices=PRECISIONS, default=None,
+
+    def add(flag: str, **kw: Any) -> None:
+        # another feature (the Triton deployer's --max-batch) may already define a flag: share it
+        if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public lookup
+            g.add_argument(flag, **kw)
+
+    add("--precision", choices=PRECISIONS, default=None,
                    help="engine precision (default: fp16 where the GPU and TensorRT support it, else fp32); "
                    "LayerNorm, Softmax, reductions and ITAE nodes stay fp32 in fp16/bf16 engines")
-    g.add_argument("--min-batch", type=int, default=None, help=f"smallest batch of the profile (default {DEFAULT_MIN_BATCH})")
-    g.add_argument("--opt-batch", type=int, default=None, help=f"batch TensorRT tunes for (default {DEFAULT_OPT_BATCH})")
-    g.add_argument("--max-batch", type=int, default=None, help=f"largest batch of the profile (default {DEFAULT_MAX_BATCH})")
-    g.add_argument("--workspace", type=int, default=None, metavar="MIB",
+    add("--min-batch", type=int, default=None, help=f"smallest batch of the profile (default {DEFAULT_MIN_BATCH})")
+    add("--opt-batch", type=int, default=None, help=f"batch TensorRT tunes for (default {DEFAULT_OPT_BATCH})")
+    add("--max-batch", type=int, default=None, help=f"largest batch of the profile (default {DEFAULT_MAX_BATCH})")
+    add("--workspace", type=int, default=None, metavar="MIB",
                    help=f"builder workspace memory pool in MiB (default {DEFAULT_WORKSPACE_MIB})")
-    g.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
+    add("--timing-cache", type=Path, default=None, metavar="PATH",
                    help="timing cache file, loaded before and saved after the build (reused across builds)")
-    g.add_argument("--strongly-typed", action="store_true",
+    add("--strongly-typed", action="store_true",
                    help="build a strongly typed network (precision from the ONNX tensor types)")
-    g.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls in fp32 engines (off: exact fp32)")
-    g.add_argument("--no-precision-constraints", action="store_true",
+    add("--allow-tf32", action="store_true", help="allow TF32 matmuls in fp32 engines (off: exact fp32)")
+    add("--no-precision-constraints", action="store_true",
                    help="let TensorRT choose fp16/bf16 for LayerNorm, Softmax and the ITAE nodes too")
-    g.add_argument("--engine-builder", choices=BUILDERS, default=None,
+    add("--engine-builder", choices=BUILDERS, default=None,
                    help="build with TensorRT's Python API, trtexec, or whichever is available (default auto)")
 
 
