@@ -213,6 +213,40 @@ def apply_graph_options(
         raise DeployError(f"writing {out}: {e}") from e
 
 
+def reference_batch(
+    args: argparse.Namespace | GraphOptions,
+    reference_fn,
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+):
+    """Inputs and expected outputs for a graph built with the graph options, for parity checks of the
+    rewritten ONNX or of an engine built from it: (inputs, outputs) as numpy arrays.
+
+    `reference_fn` maps ImageNet-normalised float32 NCHW to embeddings (e.g. the PyTorch ITAE reference).
+    uint8-nhwc: inputs are random uint8 [B, H, W, 3] pixels, normalised in float64 for the reference;
+    else random normal float32 NCHW. --l2-normalize: outputs are L2-normalised like the graph does.
+    """
+    import numpy as np
+
+    opts = args if isinstance(args, GraphOptions) else GraphOptions.from_args(args)
+    rng = np.random.default_rng(seed)
+    if opts.input_format == "uint8-nhwc":
+        inputs = rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
+        mean = np.reshape(opts.mean, (1, 3, 1, 1))
+        std = np.reshape(opts.std, (1, 3, 1, 1))
+        x = ((inputs.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std).astype(np.float32)
+    else:
+        inputs = x = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
+    outputs = np.asarray(reference_fn(x))
+    if opts.l2_normalize:
+        norm = np.linalg.norm(outputs.astype(np.float64), axis=-1, keepdims=True)
+        outputs = (outputs / np.maximum(norm, 1e-12)).astype(outputs.dtype)
+    return inputs, outputs
+
+
 def verify_graph_options(
     onnx_before: str | Path, onnx_after: str | Path, *, batch: int = 2, seed: int = 0
 ) -> dict[str, float]:
@@ -380,7 +414,9 @@ def read_engine_sidecar(path: Path) -> dict[str, Any]:
         ins, outs = _onnx_specs(proto)
         info["onnx_metadata"] = {q.key: q.value for q in proto.metadata_props}
     else:
-        raise DeployError(f"engine sidecar {path} has neither IO lists nor the source ONNX; rebuild the engine")
+        raise DeployError(
+            f"engine sidecar {path} has neither IO lists nor the source ONNX; rebuild the engine"
+        )
     info.update(inputs=ins, outputs=outs, max_batch=int(max_batch) if max_batch is not None else None)
     return info
 
@@ -651,7 +687,9 @@ def write_triton_repo(
             from graph_passes.preprocess import L2_NORMALIZE_KEY
 
             if engine_md is None:
-                notes.append("--l2-normalize cannot be checked on this engine; it must have been built with it")
+                notes.append(
+                    "--l2-normalize cannot be checked on this engine; it must have been built with it"
+                )
             elif L2_NORMALIZE_KEY not in engine_md:
                 raise UsageError(
                     f"--l2-normalize: engine {src} was built from an ONNX without it; apply the graph options "
@@ -744,7 +782,7 @@ def write_triton_repo(
             "source": str(src.resolve()),
             "platform": platform,
             "graph_options": record,
-            "meta": meta or {},
+            "meta": _jsonable(meta or {}),
             "engine_sidecar": str(sidecar) if sidecar else None,
         }
         (stage / PROVENANCE_FILE).write_text(
@@ -763,6 +801,21 @@ def write_triton_repo(
         platform=platform, max_batch=max_batch, inputs=ins, outputs=outs, config_written=config_written,
         files=[version_dir / f.relative_to(stage) for f in files], graph_options=record, notes=notes,
     )  # fmt: skip
+
+
+def _jsonable(v: Any) -> Any:
+    """Provenance values: arrays (the CLI's reference batches) are left out, numpy scalars converted."""
+    import numpy as np
+
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items() if not isinstance(x, np.ndarray)}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, str | int | float | bool) or v is None:
+        return v
+    return str(v)
 
 
 def _has_l2(metadata: dict[str, str]) -> bool:
@@ -793,7 +846,7 @@ def _stage_files(
         locations = external_data_locations(proto)
     except PreprocessPassError as e:
         raise DeployError(f"{src}: {e}") from e
-    if record:
+    if any(not r.get("already_applied") for r in record.values()):
         # the deployed graph differs from the source: write the rewritten proto (weights stay external)
         import onnx
 

@@ -519,3 +519,22 @@ def test_client_tool_both_input_formats_agree(tmp_path: Path, capsys: pytest.Cap
     np.testing.assert_allclose(tool.to_model_input(px, io), want, atol=1e-6)
     assert tool.main(["--model-name", "raw", "--batch-size", "9", *files], client=fake) == 2
     assert "max_batch_size 4" in capsys.readouterr().err
+
+
+def test_reference_batch_for_engine_parity(tmp_path: Path) -> None:
+    from itae_export.triton import reference_batch
+
+    src = save_tiny(tmp_path / "m.onnx")
+    for opts in (GraphOptions("uint8-nhwc", True), GraphOptions("uint8-nhwc"), GraphOptions(None, True)):
+        out = apply_graph_options(src, tmp_path / f"o{opts.input_format}{opts.l2_normalize}.onnx", opts)
+        x, want = reference_batch(opts, lambda x: run(src, x), batch=3, height=H, width=W, seed=1)
+        assert x.dtype == (np.uint8 if opts.input_format else np.float32)
+        np.testing.assert_allclose(run(out, x), want, atol=1e-5)
+
+
+def test_provenance_leaves_out_arrays(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "m.onnx")
+    meta = {"model": "m", "reference_inputs": np.zeros((4, 3, H, W)), "parity": {"max_abs": np.float32(1e-6)}}
+    res = write_triton_repo(src, tmp_path / "repo", model_name="m", max_batch=2, meta=meta)
+    prov = json.loads((res.version_dir / "itae_export.json").read_text())
+    assert "reference_inputs" not in prov["meta"] and prov["meta"]["parity"]["max_abs"] == pytest.approx(1e-6)
