@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -180,31 +181,29 @@ def length_summary(lengths: np.ndarray, threshold: float | None, direction: str 
     return out
 
 
-def collect_patch_lengths(
-    embedder, dataset, preprocess, cfg, *, batch_size: int = 32, progress: bool = True
-) -> tuple[np.ndarray, dict]:
+def collect_patch_lengths(embedder, batches: Iterable[np.ndarray], cfg) -> tuple[np.ndarray, dict]:
     """The chosen norm source's lengths of the PATCH tokens (CLS and registers dropped) in the final block,
-    over every image of `dataset` (itae_export.reference.last_block_stats). Token scope gives one length
-    per token, head scope one per (head, token); all go into one sample. Returns (lengths, info)."""
+    over every image of `batches` (float32 [B,3,S,S], preprocessed; itae_export.reference.last_block_stats).
+    Token scope gives one length per token, head scope one per (head, token); all go into one sample.
+    Returns (lengths, info)."""
     import torch
 
-    from .data import iter_batches
     from .reference import last_block_stats
 
     chunks = []
-    npt = None
-    grid = None
+    npt = grid = None
+    n = 0
     t0 = time.perf_counter()
     with torch.no_grad():
-        for x, _ in iter_batches(dataset, preprocess, batch_size, progress=progress, desc="calibration"):
-            st = last_block_stats(embedder, torch.from_numpy(x), cfg)
+        for x in batches:
+            st = last_block_stats(embedder, torch.as_tensor(x), cfg)
             npt = int(st["num_prefix_tokens"])
-            grid = tuple(int(g) for g in st["grid"])
-            norms = np.asarray(st["norms"])
-            chunks.append(norms[..., npt:].reshape(-1))
+            grid = [int(g) for g in st["grid"]]
+            chunks.append(np.asarray(st["norms"])[..., npt:].reshape(-1))
+            n += len(x)
     lengths = np.concatenate(chunks) if chunks else np.zeros(0)
     return lengths, {
-        "num_images": len(dataset),
+        "num_images": n,
         "num_prefix_tokens": npt,
         "grid": grid,
         "seconds": time.perf_counter() - t0,

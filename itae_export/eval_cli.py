@@ -531,6 +531,7 @@ def calibrate_command(argv: list[str] | None) -> int:
         length_summary,
         write_settings,
     )
+    from .data import iter_batches
     from .errors import DataError
     from .fileio import check_output_path
     from .viz import plot_norm_histogram
@@ -545,9 +546,11 @@ def calibrate_command(argv: list[str] | None) -> int:
     cfg = _itae_hooks()[1](args)
     ds, pre, _ = _load_data(args)
     embedder, model_ident, _ = _build(args)
-    lengths, info = collect_patch_lengths(
-        embedder, ds, pre, cfg, batch_size=args.batch_size, progress=not args.no_progress
+    batches = (
+        x
+        for x, _ in iter_batches(ds, pre, args.batch_size, progress=not args.no_progress, desc="calibration")
     )
+    lengths, info = collect_patch_lengths(embedder, batches, cfg)
     check_lengths(lengths, f"{ds.name} ({ds.split})")
     res = find_valley_threshold(
         lengths, bins=args.bins, smooth=args.smooth, min_prominence=args.min_prominence

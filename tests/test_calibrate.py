@@ -112,3 +112,89 @@ def test_calibrate_cli_reports_no_valley_on_a_random_model(tmp_path: Path, capsy
     # The figure is an output like any other: not overwritten without --force.
     assert calibrate_main(argv) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_calibration_on_the_planted_artifact_model_finds_the_artifacts(tmp_path: Path) -> None:
+    from conftest import planted_artifact_model
+
+    from itae_export.calibrate import collect_patch_lengths
+    from itae_export.reference import last_block_stats
+
+    model, imgs, mask = planted_artifact_model(n_images=48)
+    cfg = ITAEConfig()  # norm source v, token scope, high
+    lengths, info = collect_patch_lengths(model, [imgs[:20].numpy(), imgs[20:].numpy()], cfg)
+    assert info["num_images"] == 48 and info["num_prefix_tokens"] == 1 and lengths.shape == (48 * 16,)
+    r = find_valley_threshold(lengths)
+    assert r.found, r.message
+    planted = mask.numpy().ravel()
+    assert lengths[~planted].max() < r.threshold < lengths[planted].min()
+
+    settings = write_settings(
+        tmp_path / "s.json", calibrated_config(cfg, r.threshold), {"threshold": r.threshold}
+    )
+    calibrated = ITAEConfig.from_file(settings)
+    st = last_block_stats(model, imgs, calibrated)
+    np.testing.assert_array_equal(st["flagged"][:, 1:], mask.numpy())
+    # The CLS token attended the planted artifacts strongly; after ITAE it hardly does.
+    before = st["cls_attn_before"][:, :, 1:].mean(1)[mask.numpy()]
+    after = st["cls_attn_after"][:, :, 1:].mean(1)[mask.numpy()]
+    assert after.mean() < 0.5 * before.mean()
+
+
+def _planted_imagefolder(root: Path, n: int = 48, seed: int = 0) -> np.ndarray:
+    """56x56 PNGs: grey texture near the ImageNet mean (normalises to about 0) with 1..3 white 14x14
+    patches, the planted model's artifacts. Returns the [n, 16] mask of white patches."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    mean = np.array([0.485, 0.456, 0.406]) * 255
+    masks = np.zeros((n, 16), bool)
+    for i in range(n):
+        img = np.clip(mean + rng.normal(0, 15, (56, 56, 3)), 0, 255)
+        for p in rng.choice(16, size=1 + i % 3, replace=False):
+            r, c = divmod(int(p), 4)
+            img[r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] = 255
+            masks[i, p] = True
+        (root / "all").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.astype(np.uint8)).save(root / "all" / f"{i:03d}.png")
+    return masks
+
+
+def test_calibrate_cli_writes_settings_that_itae_eval_accepts(tmp_path: Path, monkeypatch, capsys) -> None:
+    from conftest import planted_artifact_model
+
+    import itae_export.models
+    from itae_export.eval_cli import calibrate_main, eval_main
+
+    model, _, _ = planted_artifact_model()
+    monkeypatch.setattr(itae_export.models, "build_model", lambda *a, **k: model)
+    masks = _planted_imagefolder(tmp_path / "data")
+    data = [
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--resize-size",
+        "56",
+        "--no-progress",
+    ]
+    argv = ["dinov2_vits14", "--random-weights", "--img-size", "56", *data]
+    out = tmp_path / "settings.json"
+    assert calibrate_main(argv + ["--out", str(out)]) == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    thr = doc["itae"]["threshold"]
+    assert doc["itae"]["relative_threshold"] is None and doc["itae"]["norm_source"] == "v"
+    cal = doc["calibration"]
+    assert cal["threshold"] == thr and cal["dataset"]["count"] == 48 and cal["result"]["found"]
+    assert cal["lengths"]["fraction_flagged"] == pytest.approx(masks.mean())
+    assert (tmp_path / "settings.png").read_bytes()[:8] == PNG_MAGIC
+    assert "valley at length" in capsys.readouterr().err
+
+    rep = tmp_path / "rep"
+    assert (
+        eval_main(argv + ["--settings", str(out), "--report-dir", str(rep), "--viz", "1", "--n-init", "2"])
+        == 0
+    )
+    r = json.loads((rep / "report.json").read_text())
+    assert r["itae"]["threshold"] == thr and r["runs"]["torch-itae"]["itae"]["threshold"] == thr
+    assert r["dataset"]["num_classes"] == 1 and r["preprocessing"]["resize_size"] == 56
