@@ -49,12 +49,13 @@ def plot_norm_histogram(
         ax.hist(x, bins=edges, color="#4c72b0", alpha=0.85)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        # Ticks at 1, 2, 5 x 10^k with plain numbers: the length range often spans less than a decade.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(plain)
-            axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
     if threshold is not None:
         ax.axvline(threshold, color="#c44e52", lw=2, label=f"threshold {threshold:.4g}")
         if x.size:
