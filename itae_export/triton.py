@@ -157,27 +157,29 @@ def apply_graph_options_proto(model, opts: GraphOptions):
 
     done = applied_passes(model)
     record: dict[str, Any] = {}
-    try:
-        if opts.input_format == "uint8-nhwc":
-            if UINT8_INPUT_KEY in done:
-                record["uint8_nhwc_input"] = {**done[UINT8_INPUT_KEY], "already_applied": True}
-            else:
+    if opts.input_format == "uint8-nhwc":
+        if UINT8_INPUT_KEY in done:
+            record["uint8_nhwc_input"] = {**done[UINT8_INPUT_KEY], "already_applied": True}
+        else:
+            try:
                 model, res = add_uint8_nhwc_input(model, opts.mean, opts.std)
-                record["uint8_nhwc_input"] = res.to_dict()
-        elif opts.input_format == "float32-nchw" and UINT8_INPUT_KEY in done:
-            raise UsageError(
-                "--input-format float32-nchw: this model already takes uint8 NHWC pixels "
-                "(built with --input-format uint8-nhwc); drop the flag or deploy the float model"
-            )
-        if opts.l2_normalize:
-            if L2_NORMALIZE_KEY in done:
-                record["l2_normalize"] = {**done[L2_NORMALIZE_KEY], "already_applied": True}
-            else:
+            except PreprocessPassError as e:
+                raise UsageError(f"--input-format uint8-nhwc: {e}") from e
+            record["uint8_nhwc_input"] = res.to_dict()
+    elif opts.input_format == "float32-nchw" and UINT8_INPUT_KEY in done:
+        raise UsageError(
+            "--input-format float32-nchw: this model already takes uint8 NHWC pixels "
+            "(built with --input-format uint8-nhwc); drop the flag or deploy the float model"
+        )
+    if opts.l2_normalize:
+        if L2_NORMALIZE_KEY in done:
+            record["l2_normalize"] = {**done[L2_NORMALIZE_KEY], "already_applied": True}
+        else:
+            try:
                 model, res = add_l2_normalize(model)
-                record["l2_normalize"] = res.to_dict()
-    except PreprocessPassError as e:
-        flag = "--l2-normalize" if "normalis" in str(e) or "output" in str(e) else "--input-format uint8-nhwc"
-        raise UsageError(f"{flag}: {e}") from e
+            except PreprocessPassError as e:
+                raise UsageError(f"--l2-normalize: {e}") from e
+            record["l2_normalize"] = res.to_dict()
     return model, record
 
 

@@ -538,3 +538,18 @@ def test_provenance_leaves_out_arrays(tmp_path: Path) -> None:
     res = write_triton_repo(src, tmp_path / "repo", model_name="m", max_batch=2, meta=meta)
     prov = json.loads((res.version_dir / "itae_export.json").read_text())
     assert "reference_inputs" not in prov["meta"] and prov["meta"]["parity"]["max_abs"] == pytest.approx(1e-6)
+
+
+def test_graph_option_refusals_name_the_flag(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "m.onnx", batch="batch")
+    m = onnx.load(str(src), load_external_data=False)
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"  # dynamic H: no uint8 input possible
+    bad = tmp_path / "dyn.onnx"
+    onnx.save(m, bad)
+    with pytest.raises(UsageError, match=r"^--input-format uint8-nhwc: .*static"):
+        apply_graph_options(bad, tmp_path / "o.onnx", GraphOptions("uint8-nhwc"))
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
+    onnx.save(m, bad)
+    with pytest.raises(UsageError, match=r"^--l2-normalize: .*INT64"):
+        apply_graph_options(bad, tmp_path / "o.onnx", GraphOptions(None, True))
+    assert not (tmp_path / "o.onnx").exists()
