@@ -27,7 +27,10 @@ from itae_export.triton import (
     write_triton_repo,
 )
 
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2",
+    reason='the config checks need Triton ModelConfig: pip install "tritonclient[grpc]"',
+)
 
 H, W, D = 14, 14, 6
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
