@@ -976,6 +976,27 @@ def deploy_from_cli(
     )
 
 
+def _meta_from_model(path: Path) -> dict[str, Any]:
+    """Model name, image size and ITAE settings recorded by itae-export (ONNX metadata / engine sidecar)."""
+    meta: dict[str, Any] = {}
+    try:
+        if path.suffix == ".onnx" and path.is_file():
+            import onnx
+
+            md = {q.key: q.value for q in onnx.load(str(path), load_external_data=False).metadata_props}
+            meta["onnx_metadata"] = md
+            if md.get("itae_export.model"):
+                meta["model"] = md["itae_export.model"]
+                meta["img_size"] = md.get("itae_export.img_size")
+                meta["itae"] = json.loads(md["itae.settings"]) if md.get("itae.settings") else None
+        elif (sidecar := find_engine_sidecar(path)) is not None:
+            raw = json.loads(sidecar.read_text())
+            meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
+    except (OSError, ValueError):
+        return {}  # unreadable: write_triton_repo reports the file itself
+    return meta
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m itae_export.triton",
@@ -992,16 +1013,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.triton_repo:
             raise UsageError("--triton-repo DIR is required")
         model = Path(args.model)
-        meta: dict[str, Any] = {}
-        if model.suffix == ".onnx" and model.is_file():
-            import onnx
-
-            # provenance: what the exporter and passes recorded in the graph
-            md = {q.key: q.value for q in onnx.load(str(model), load_external_data=False).metadata_props}
-            meta["onnx_metadata"] = md
+        meta = _meta_from_model(model)
         res = write_triton_repo(
             model, args.triton_repo,
-            model_name=args.model_name or default_model_name(None, model),
+            model_name=args.model_name or default_model_name(meta, model),
             max_batch=args.max_batch, platform=args.platform, instance_kind=args.instance_kind,
             instance_count=args.instances, graph_options=GraphOptions.from_args(args), meta=meta or None,
         )  # fmt: skip

@@ -556,3 +556,19 @@ def test_graph_option_refusals_name_the_flag(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"^--l2-normalize: .*INT64"):
         apply_graph_options(bad, tmp_path / "o.onnx", GraphOptions(None, True))
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_standalone_cli_names_model_from_export_metadata(tmp_path: Path, capsys) -> None:
+    src = save_tiny(tmp_path / "m.onnx")
+    m = onnx.load(str(src), load_external_data=False)
+    m.metadata_props.add(key="itae_export.model", value="dinov2_vitb14")
+    m.metadata_props.add(key="itae_export.img_size", value=str(H))
+    m.metadata_props.add(key="itae.settings", value='{"norm_source": "v"}')
+    onnx.save(m, tmp_path / "exported.onnx")
+    assert (
+        main([str(tmp_path / "exported.onnx"), "--triton-repo", str(tmp_path / "repo"), "--max-batch", "2"])
+        == 0
+    )
+    assert "dinov2_vitb14_itae version 1" in capsys.readouterr().out
+    text = (tmp_path / "repo" / "dinov2_vitb14_itae" / "config.pbtxt").read_text()
+    assert 'ITAE: {"norm_source": "v"}' in text and "model: dinov2_vitb14" in text
