@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ItaeError, OutputExistsError, UsageError
+from .errors import OutputExistsError, UsageError
 
 # --------------------------------------------------------------------------------------------- options
 
@@ -133,14 +133,13 @@ def _environment() -> dict:
     return env
 
 
-def _run_cli(fn, argv) -> int:
-    from graph_passes.config import ConfigError
+def _run_cli(fn, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """The CLIs' shared error handling (itae_export.cli): "PROG: error: ..." on stderr and the error
+    family's exit code."""
+    from .cli import _run_cli as run_cli
 
-    try:
-        return fn(argv)
-    except (ItaeError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda args: fn(args, argv), parser, argv)
 
 
 def _pct(v: float | None) -> str:
@@ -270,7 +269,7 @@ def _check_engine_settings(path: str, cfg_dict: dict) -> dict | None:
     return {k: data.get(k) for k in ("precision", "tf32", "tensorrt_version", "gpu", "img_size", "model")}
 
 
-def eval_command(argv: list[str] | None) -> int:
+def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
     from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
     from .embed import (
         EmbeddingCache,
@@ -283,7 +282,6 @@ def eval_command(argv: list[str] | None) -> int:
     from .fileio import atomic_write_text
 
     t_start = time.perf_counter()
-    args = build_eval_parser().parse_args(argv)
     report_dir = Path(args.report_dir)
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
     if not args.force:
@@ -366,7 +364,7 @@ def eval_command(argv: list[str] | None) -> int:
     figures = _eval_figures(args, embedder, ds, pre, cfg, report_dir) if args.viz > 0 else []
     report = {
         "tool": "itae-eval",
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        "argv": argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model_ident,
         "dataset": ds.describe(),
@@ -492,7 +490,7 @@ def render_eval_markdown(r: dict) -> str:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    return _run_cli(eval_command, argv)
+    return _run_cli(eval_command, build_eval_parser(), argv)
 
 
 # -------------------------------------------------------------------------------------- itae-calibrate
@@ -522,7 +520,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def calibrate_command(argv: list[str] | None) -> int:
+def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
     from .calibrate import (
         calibrated_config,
         check_lengths,
@@ -536,7 +534,6 @@ def calibrate_command(argv: list[str] | None) -> int:
     from .fileio import check_output_path
     from .viz import plot_norm_histogram
 
-    args = build_calibrate_parser().parse_args(argv)
     out = check_output_path(args.out, force=args.force, inputs=(args.settings, args.weights))
     plot = check_output_path(
         args.plot or Path(args.out).with_suffix(".png"),
@@ -565,6 +562,7 @@ def calibrate_command(argv: list[str] | None) -> int:
             f"{res.message} (calibration set: {ds.name} {ds.split}, {len(ds)} images); no settings written"
         )
     calibration = {
+        "command": "itae-calibrate " + " ".join(argv),
         "method": res.method,
         "threshold": res.threshold,
         "result": res.to_dict(),
@@ -585,4 +583,4 @@ def calibrate_command(argv: list[str] | None) -> int:
 
 
 def calibrate_main(argv: list[str] | None = None) -> int:
-    return _run_cli(calibrate_command, argv)
+    return _run_cli(calibrate_command, build_calibrate_parser(), argv)

@@ -156,4 +156,4 @@ def test_engine_sidecar_settings_are_checked(tmp_path: Path, capsys) -> None:
     side.write_text(json.dumps({"itae": CFG.to_dict(), "precision": "fp16"}))
     rc = eval_main(common + ITAE_FLAGS)
     err = capsys.readouterr().err
-    assert rc == 4 and err.startswith("error:"), err  # EngineError
+    assert rc == 4 and "itae-eval: error:" in err, err  # EngineError
