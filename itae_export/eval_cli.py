@@ -13,16 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import add_itae_args, itae_config_from_args
 from .errors import OutputExistsError, UsageError
 
 # --------------------------------------------------------------------------------------------- options
-
-
-def _itae_hooks():
-    """(add_itae_args, itae_config_from_args): the ITAE flags shared with itae-export / itae-patch."""
-    from .cli import add_itae_args, itae_config_from_args
-
-    return add_itae_args, itae_config_from_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -202,7 +196,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         help="attention figures for the first N images, 0 for none (4)",
     )
     o.add_argument("--force", action="store_true", help="overwrite an existing report in REPORT_DIR")
-    _itae_hooks()[0](p)
+    add_itae_args(p)
     return p
 
 
@@ -290,7 +284,7 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
                 raise OutputExistsError(
                     f"{p} already exists; pass --force to overwrite it or choose another --report-dir"
                 )
-    cfg = _itae_hooks()[1](args)
+    cfg = itae_config_from_args(args)
     # Cheap checks of the given models before any image is read.
     if args.onnx_baseline:
         _check_onnx_settings(args.onnx_baseline, None, "--onnx-baseline")
@@ -516,7 +510,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
         help="a mode counts if its prominence is >= this x the tallest peak (0.1)",
     )
     c.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    _itae_hooks()[0](p)
+    add_itae_args(p)
     return p
 
 
@@ -540,7 +534,7 @@ def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
         force=args.force,
         inputs=(args.settings, args.weights),
     )
-    cfg = _itae_hooks()[1](args)
+    cfg = itae_config_from_args(args)
     ds, pre, _ = _load_data(args)
     embedder, model_ident, _ = _build(args)
     batches = (
