@@ -289,7 +289,18 @@ def _export(args: argparse.Namespace) -> int:
             # self-contained graph options (uint8 input, L2 norm) go after the float parity check
             new = Path(graph_opts(tmp_onnx, work / ("graphopt-" + onnx_out.name), args))
             if new != tmp_onnx:
+                from .triton import reference_batch, verify_graph_options
+
+                fig = verify_graph_options(tmp_onnx, new)
+                log(f"      graph options: ONNX Runtime vs NumPy preprocessing: cosine min {fig['cos_min']:.7f}, "
+                    f"max abs diff {fig['max_abs']:.2e}")
+                if fig["cos_min"] < 0.99999:
+                    raise ParityError(f"graph options changed the output ({fig}); report a bug")
                 os.replace(new, tmp_onnx)
+                # the engine check must feed what the final graph takes (uint8 pixels, L2 output)
+                ref_inputs, ref_outputs = reference_batch(
+                    args, lambda a: reference(torch.from_numpy(a)).numpy(), batch=args.validate_batch,
+                    height=args.img_size, width=args.img_size, seed=args.seed)
         files = onnx_files(tmp_onnx)
         for f in files:
             os.chmod(f, 0o644)
@@ -314,13 +325,18 @@ def _export(args: argparse.Namespace) -> int:
         build = _optional_hook("engine", "build_from_cli")
         if build is None:
             raise UsageError("TensorRT engine support is not available in this installation")
-        build(args, onnx_out, engine_path, run_meta)
+        summary = build(args, onnx_out, engine_path, run_meta) or {}
+        for k in ("engine", "sidecar", "precision", "parity"):
+            if k in summary:
+                log(f"      {k}: {summary[k]}")
         final_model = engine_path
     if getattr(args, "triton_repo", None):
         deploy = _optional_hook("triton", "deploy_from_cli")
         if deploy is None:
             raise UsageError("Triton support is not available in this installation")
-        deploy(args, final_model, run_meta)
+        res = deploy(args, final_model, run_meta)
+        if res is not None:
+            log(res.summary())
     return 0
 
 

@@ -870,7 +870,8 @@ def build_engine_trtexec(
 def run_engine_trtexec(trtexec: str, engine_path: Path, spec: InputSpec, x: np.ndarray) -> np.ndarray:
     """Run an engine on x with trtexec (--loadInputs / --exportOutput); for hosts without the
     tensorrt Python package. One batch per call."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    # keep the input's dtype: uint8 for graphs built with --input-format uint8-nhwc
+    x = np.ascontiguousarray(x if x.dtype == np.uint8 else x.astype(np.float32))
     with tempfile.TemporaryDirectory(prefix="itae-trtexec-") as d:
         inp, outp = Path(d) / "input.bin", Path(d) / "output.json"
         x.tofile(inp)
@@ -1081,7 +1082,8 @@ def build_from_cli(
     ref_in, ref_out = meta.get("reference_inputs"), meta.get("reference_outputs")
     if ref_in is not None and ref_out is not None:
         run, runner_name = _make_engine_runner(engine_path, spec, result.builder, trtexec)
-        got = run_in_batches(run, np.asarray(ref_in, dtype=np.float32), options.max_batch)
+        ref_in = np.asarray(ref_in)
+        got = run_in_batches(run, ref_in if ref_in.dtype == np.uint8 else ref_in.astype(np.float32), options.max_batch)
         figures = _compare(np.asarray(ref_out), got)
         parity = {
             **figures,

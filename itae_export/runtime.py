@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import EngineError, UsageError
+from .errors import UsageError
 
 BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
 
@@ -58,11 +58,12 @@ def make_runner(backend: str, target) -> Runner:
     if backend == "onnxruntime":
         return OrtRunner(target)
     if backend in ("ort-cuda", "ort-trt"):
-        try:
-            from .trt_runner import ort_gpu_providers
-        except ImportError as e:
-            raise EngineError(f"backend {backend} needs itae_export.trt_runner: {e}") from e
-        return OrtRunner(target, providers=ort_gpu_providers("cuda" if backend == "ort-cuda" else "tensorrt", None))
+        from .trt_runner import check_session_providers, ort_gpu_providers
+
+        kind = "cuda" if backend == "ort-cuda" else "tensorrt"
+        runner = OrtRunner(target, providers=ort_gpu_providers(kind, None))
+        check_session_providers(runner.session, kind)  # ORT falls back to the CPU silently
+        return runner
     if backend == "tensorrt":
         from .trt_runner import TrtRunner
 
