@@ -4,6 +4,7 @@ itae-inspect (dry run of the match)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -242,10 +243,25 @@ def _export(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix=".itae-export-", dir=onnx_out.parent))
     try:
         tmp_onnx = work / onnx_out.name
+        # PyTorch figures first, so the model can be freed before ONNX Runtime loads its copy
+        ref_inputs = random_inputs(args.validate_batch, args.img_size, args.seed)
+        reference = (ITAEReference(model, cfg) if cfg is not None else model).eval()
+        ref_outputs = reference(torch.from_numpy(ref_inputs)).numpy()
+        flag_stats = last_block_stats(model, torch.from_numpy(ref_inputs), cfg) if cfg is not None else None
+        opt_reference = None
+        if _graph_options_requested(args):
+            from .triton import reference_batch
+
+            opt_reference = reference_batch(
+                args, lambda a, ref=reference: ref(torch.from_numpy(a)).numpy(), batch=args.validate_batch,
+                height=args.img_size, width=args.img_size, seed=args.seed)
         t0 = time.perf_counter()
         log(f"[2/4] exporting with the {args.exporter} exporter ...")
         export_onnx(model, tmp_onnx, img_size=args.img_size, exporter=args.exporter, opset=args.opset)
         log(f"      exported in {time.perf_counter() - t0:.1f} s")
+        num_prefix = model.num_prefix_tokens
+        del model, reference
+        gc.collect()
         proto = onnx.load(str(tmp_onnx), load_external_data=False)
         result = None
         if cfg is None:
@@ -254,16 +270,13 @@ def _export(args: argparse.Namespace) -> int:
             log("[3/4] --no-itae: graph left unpatched")
         else:
             t0 = time.perf_counter()
-            proto, result = apply_itae(proto, cfg, num_prefix_tokens=model.num_prefix_tokens, metadata=meta)
+            proto, result = apply_itae(proto, cfg, num_prefix_tokens=num_prefix, metadata=meta)
             log(f"[3/4] ITAE pass ({time.perf_counter() - t0:.2f} s): " + json.dumps(cfg.to_dict(), sort_keys=True))
             for line in result.summary().splitlines():
                 log("      " + line)
         onnx.save_model(proto, str(tmp_onnx))
         onnx.checker.check_model(str(tmp_onnx))
         figures: dict = {}
-        ref_inputs = random_inputs(args.validate_batch, args.img_size, args.seed)
-        reference = (ITAEReference(model, cfg) if cfg is not None else model).eval()
-        ref_outputs = reference(torch.from_numpy(ref_inputs)).numpy()
         if args.skip_validation:
             log("[4/4] validation skipped (--skip-validation)")
         else:
@@ -272,10 +285,9 @@ def _export(args: argparse.Namespace) -> int:
             parity = compare(ref_outputs, got)
             figures = parity.to_dict()
             flagged = ""
-            if cfg is not None:
-                st = last_block_stats(model, torch.from_numpy(ref_inputs), cfg)
-                nf = int(st["flagged"].sum())
-                flagged = f"; {nf} of {st['flagged'][..., model.num_prefix_tokens:].size} patch-token norms flagged"
+            if flag_stats is not None:
+                nf = int(flag_stats["flagged"].sum())
+                flagged = f"; {nf} of {flag_stats['flagged'][..., num_prefix:].size} patch-token norms flagged"
                 figures["flagged"] = nf
             log(f"[4/4] ONNX Runtime vs PyTorch {'ITAE reference' if cfg else 'model'} on {args.validate_batch} "
                 f"random images: {parity}{flagged} ({time.perf_counter() - t0:.1f} s)")
@@ -289,7 +301,7 @@ def _export(args: argparse.Namespace) -> int:
             # self-contained graph options (uint8 input, L2 norm) go after the float parity check
             new = Path(graph_opts(tmp_onnx, work / ("graphopt-" + onnx_out.name), args))
             if new != tmp_onnx:
-                from .triton import reference_batch, verify_graph_options
+                from .triton import verify_graph_options
 
                 fig = verify_graph_options(tmp_onnx, new)
                 log(f"      graph options: ONNX Runtime vs NumPy preprocessing: cosine min {fig['cos_min']:.7f}, "
@@ -298,9 +310,8 @@ def _export(args: argparse.Namespace) -> int:
                     raise ParityError(f"graph options changed the output ({fig}); report a bug")
                 os.replace(new, tmp_onnx)
                 # the engine check must feed what the final graph takes (uint8 pixels, L2 output)
-                ref_inputs, ref_outputs = reference_batch(
-                    args, lambda a: reference(torch.from_numpy(a)).numpy(), batch=args.validate_batch,
-                    height=args.img_size, width=args.img_size, seed=args.seed)
+                if opt_reference is not None:
+                    ref_inputs, ref_outputs = opt_reference
         files = onnx_files(tmp_onnx)
         for f in files:
             os.chmod(f, 0o644)
@@ -312,7 +323,7 @@ def _export(args: argparse.Namespace) -> int:
     run_meta = {
         "model": args.model,
         "img_size": args.img_size,
-        "num_prefix_tokens": model.num_prefix_tokens,
+        "num_prefix_tokens": num_prefix,
         "itae": cfg.to_dict() if cfg is not None else None,
         "exporter": args.exporter,
         "parity_onnxruntime": figures,
@@ -338,6 +349,10 @@ def _export(args: argparse.Namespace) -> int:
         if res is not None:
             log(res.summary())
     return 0
+
+
+def _graph_options_requested(args: argparse.Namespace) -> bool:
+    return getattr(args, "input_format", None) == "uint8-nhwc" or bool(getattr(args, "l2_normalize", False))
 
 
 def _optional_hook(module: str, fn: str):
