@@ -50,6 +50,7 @@ print(json.dumps({"rc": r.returncode, "wall_s": dt, "peak_rss_mb": ru.ru_maxrss 
 
 # ---------------------------------------------------------------------------------------- machine
 
+
 def machine_info() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -116,10 +117,15 @@ def model_flops_per_image(embedder) -> dict[str, float]:
     depth = len(embedder.vit.blocks)
     matmul = 2 * linear * tokens
     attn = depth * 4 * tokens**2 * dim
-    return {"tokens": tokens, "gflops": (patch + matmul + attn) / 1e9, "attention_share": attn / (patch + matmul + attn)}
+    return {
+        "tokens": tokens,
+        "gflops": (patch + matmul + attn) / 1e9,
+        "attention_share": attn / (patch + matmul + attn),
+    }
 
 
 # ---------------------------------------------------------------------------------------- children
+
 
 def run_measured(cmd: list[str]) -> dict[str, Any]:
     """Run cmd under a fresh wrapper; return its wall time, peak RSS and output tails."""
@@ -132,7 +138,7 @@ def run_measured(cmd: list[str]) -> dict[str, Any]:
     inner = {}
     for line in res["stdout"].splitlines():
         if line.startswith("BENCH_CHILD "):
-            inner = json.loads(line[len("BENCH_CHILD "):])
+            inner = json.loads(line[len("BENCH_CHILD ") :])
     return {"wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], **inner}
 
 
@@ -161,6 +167,7 @@ def child_patch(src: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- timing
+
 
 def time_fn(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
     for _ in range(warmup):
@@ -202,13 +209,28 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, peak_gflops: fl
     base = work / f"{name}.onnx"
     itae = work / f"{name}.itae.onnx"
     log(f"[{name}] export (child process)")
-    exp = run_measured([*me, "--child", "export", "--child-model", name, "--img-size", str(args.img_size),
-                        *depth_args, "--child-out", str(base)])
+    exp = run_measured(
+        [
+            *me,
+            "--child",
+            "export",
+            "--child-model",
+            name,
+            "--img-size",
+            str(args.img_size),
+            *depth_args,
+            "--child-out",
+            str(base),
+        ]
+    )
     log(f"[{name}] patch (child process)")
     pat = run_measured([*me, "--child", "patch", "--child-in", str(base), "--child-out", str(itae)])
 
     emb = build_model(name, random_weights=True, img_size=args.img_size, depth=args.depth)
     ref = ITAEReference(emb, ITAEConfig()).eval()
+    # the reference's explicit final-block attention without ITAE: splits the PyTorch ITAE cost into
+    # "explicit attention instead of fused SDPA" and "the ITAE ops themselves"
+    ref_plain = ITAEReference(emb, None).eval()
     flops = model_flops_per_image(emb)
     sess_base = ort_session(base, threads)
     sess_itae = ort_session(itae, threads)
@@ -228,6 +250,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, peak_gflops: fl
             with torch.inference_mode():
                 return m(xt)
 
+        def eager_ref_plain(m=ref_plain, xt=xt):
+            with torch.inference_mode():
+                return m(xt)
+
         def bf16(m=emb, xt=xt):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return m(xt)
@@ -235,6 +261,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, peak_gflops: fl
         cases = {
             "torch_fp32": eager,
             "torch_itae": eager_itae,
+            "torch_ref_no_itae": eager_ref_plain,
             "torch_bf16": bf16,
             "ort_fp32": lambda s=sess_base, x=x: s.run(None, {in_name: x}),
             "ort_itae": lambda s=sess_itae, x=x: s.run(None, {in_name: x}),
@@ -246,6 +273,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, peak_gflops: fl
         med = {k: res[k]["median_ms"] for k in cases}
         res["ratios"] = {
             "torch_itae/torch_fp32": med["torch_itae"] / med["torch_fp32"],
+            "torch_itae/torch_ref_no_itae": med["torch_itae"] / med["torch_ref_no_itae"],
             "ort_itae/ort_fp32": med["ort_itae"] / med["ort_fp32"],
             "ort_fp32/torch_fp32": med["ort_fp32"] / med["torch_fp32"],
             "ort_itae/torch_itae": med["ort_itae"] / med["torch_itae"],
@@ -278,6 +306,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, peak_gflops: fl
 
 # ---------------------------------------------------------------------------------------- fast path
 
+
 def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """Experiment only: ORT dynamic int8 quantization of the ITAE model, ITAE nodes and the final
     block kept in fp32 (the outlier statistics live there). Latency vs PyTorch fp32 eager, accuracy
@@ -293,8 +322,13 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
     q_path = work / f"{emb.spec.name}.itae.int8.onnx"
     log(f"[{emb.spec.name}] fast path: quantize_dynamic, {len(excluded)} nodes excluded")
     t = time.perf_counter()
-    quantize_dynamic(str(itae), str(q_path), weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
-                     use_external_data_format=any(work.glob(f"{base.name}.data")))
+    quantize_dynamic(
+        str(itae),
+        str(q_path),
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=sorted(excluded),
+        use_external_data_format=any(work.glob(f"{base.name}.data")),
+    )
     q_time = time.perf_counter() - t
     sess = ort_session(q_path, threads)
     in_name = sess.get_inputs()[0].name
@@ -312,13 +346,15 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
         t_e = time_fn(eager, args.warmup, args.repeats)
         with torch.inference_mode():
             y_ref = ref(xt).numpy()
-        res["rows"].append({
-            "batch": bs,
-            "ort_int8_itae": t_q,
-            "torch_fp32": t_e,
-            "ratio_int8/torch_fp32": t_q["median_ms"] / t_e["median_ms"],
-            "cos_min_vs_torch_itae_fp32": cosine(sess.run(None, {in_name: x})[0], y_ref),
-        })
+        res["rows"].append(
+            {
+                "batch": bs,
+                "ort_int8_itae": t_q,
+                "torch_fp32": t_e,
+                "ratio_int8/torch_fp32": t_q["median_ms"] / t_e["median_ms"],
+                "cos_min_vs_torch_itae_fp32": cosine(sess.run(None, {in_name: x})[0], y_ref),
+            }
+        )
     return res
 
 
@@ -341,6 +377,7 @@ def final_block_nodes(model, last: int) -> set[str]:
 
 # ---------------------------------------------------------------------------------------- report
 
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -355,22 +392,41 @@ def format_table(report: dict[str, Any]) -> str:
         f"img {report['img_size']}",
         "",
     ]
-    hdr = (f"{'model':<15}{'B':>3} {'pt fp32':>9}{'pt ITAE':>9}{'pt bf16':>9}{'ort fp32':>9}{'ort ITAE':>9}"
-           f" | {'ITAE/base pt':>12}{'ITAE/base ort':>14}{'ort/pt':>8}{'bf16/fp32':>10}"
-           f" | {'GEMM% pt':>9}{'GEMM% ort':>10}")
-    lines += ["latency ms (median)", hdr, "-" * len(hdr)]
+    hdr = (
+        f"{'model':<15}{'B':>3} {'pt fp32':>9}{'pt ITAE':>9}{'pt ref':>9}{'pt bf16':>9}{'ort fp32':>9}{'ort ITAE':>9}"
+        f" | {'ITAE/base pt':>12}{'ITAE/base ort':>14}{'ort/pt':>8}{'bf16/fp32':>10}"
+        f" | {'GEMM% pt':>9}{'GEMM% ort':>10}"
+    )
+    lines += [
+        "latency ms (median); pt ref = the PyTorch ITAE reference's explicit attention with ITAE off",
+        hdr,
+        "-" * len(hdr),
+    ]
     for mod in report["models"]:
         for r in mod["rows"]:
             q = r["ratios"]
             g = r["gemm_fraction"]
             lines.append(
                 f"{r['model']:<15}{r['batch']:>3} "
-                + "".join(f"{r[k]['median_ms']:>9.1f}" for k in ("torch_fp32", "torch_itae", "torch_bf16", "ort_fp32", "ort_itae"))
+                + "".join(
+                    f"{r[k]['median_ms']:>9.1f}"
+                    for k in (
+                        "torch_fp32",
+                        "torch_itae",
+                        "torch_ref_no_itae",
+                        "torch_bf16",
+                        "ort_fp32",
+                        "ort_itae",
+                    )
+                )
                 + f" | {q['torch_itae/torch_fp32']:>12.3f}{q['ort_itae/ort_fp32']:>14.3f}{q['ort_fp32/torch_fp32']:>8.3f}"
                 f"{q['torch_bf16/torch_fp32']:>10.3f} | {100 * g['torch_fp32']:>8.1f}%{100 * g['ort_fp32']:>9.1f}%"
             )
-    lines += ["", f"{'model':<15}{'params M':>9}{'GFLOP/img':>10}{'attn %':>7} | {'export s':>9}{'export peak MB':>15}"
-              f" | {'patch s':>8}{'patch peak MB':>14}"]
+    lines += [
+        "",
+        f"{'model':<15}{'params M':>9}{'GFLOP/img':>10}{'attn %':>7} | {'export s':>9}{'export peak MB':>15}"
+        f" | {'patch s':>8}{'patch peak MB':>14}",
+    ]
     for mod in report["models"]:
         f = mod["flops_per_image"]
         e = mod["export"]
@@ -384,23 +440,36 @@ def format_table(report: dict[str, Any]) -> str:
         fp = mod.get("fast_path_int8")
         if not fp:
             continue
-        lines += ["", f"fast path (experiment, not in the CLI): {mod['model']} ORT dynamic int8, ITAE + final block fp32"]
+        lines += [
+            "",
+            f"fast path (experiment, not in the CLI): {mod['model']} ORT dynamic int8, ITAE + final block fp32",
+        ]
         for r in fp["rows"]:
-            lines.append(f"  B={r['batch']}: int8 {r['ort_int8_itae']['median_ms']:.1f} ms vs torch fp32 "
-                         f"{r['torch_fp32']['median_ms']:.1f} ms (ratio {r['ratio_int8/torch_fp32']:.3f}); "
-                         f"cos min to fp32 ITAE reference {r['cos_min_vs_torch_itae_fp32']:.5f}")
-    lines.append(f"load avg at end {report['loadavg_at_end']} (other processes on the machine make timings noisy)")
+            lines.append(
+                f"  B={r['batch']}: int8 {r['ort_int8_itae']['median_ms']:.1f} ms vs torch fp32 "
+                f"{r['torch_fp32']['median_ms']:.1f} ms (ratio {r['ratio_int8/torch_fp32']:.3f}); "
+                f"cos min to fp32 ITAE reference {r['cos_min_vs_torch_itae_fp32']:.5f}"
+            )
+    lines.append(
+        f"load avg at end {report['loadavg_at_end']} (other processes on the machine make timings noisy)"
+    )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated catalogue names (default {DEFAULT_MODELS})")
+    p.add_argument(
+        "--models", default=DEFAULT_MODELS, help=f"comma-separated catalogue names (default {DEFAULT_MODELS})"
+    )
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per case; the median is reported (default 10)")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="timed runs per case; the median is reported (default 10)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default 2)")
     p.add_argument("--img-size", type=int, default=224, help="input size, a multiple of 14 (default 224)")
-    p.add_argument("--depth", type=int, default=None, help="reduced depth (random weights only; for quick checks)")
+    p.add_argument(
+        "--depth", type=int, default=None, help="reduced depth (random weights only; for quick checks)"
+    )
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--fast-path", action="store_true", help="also try ORT dynamic int8 (experiment)")
@@ -413,7 +482,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.models, args.batches, args.repeats, args.warmup, args.img_size, args.depth = "dinov2_vits14", "1", 1, 1, 56, 2
+        args.models, args.batches, args.repeats, args.warmup, args.img_size, args.depth = (
+            "dinov2_vits14",
+            "1",
+            1,
+            1,
+            56,
+            2,
+        )
     try:
         args.batch_list = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
@@ -441,8 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         check_output_path(args.out, force=args.force)
     torch.set_num_threads(os.cpu_count() or 1)
-    report: dict[str, Any] = {"machine": machine_info(), "img_size": args.img_size, "repeats": args.repeats,
-                              "warmup": args.warmup, "depth_override": args.depth}
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "img_size": args.img_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "depth_override": args.depth,
+    }
     n, tries = (512, 3) if args.smoke else (2048, 5)
     log("measuring fp32 GEMM peak")
     report["gemm"] = {"n": n, "tries": tries, "gflops": gemm_peak_gflops(n, tries)}
