@@ -26,6 +26,7 @@ class GraphIndex:
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.graph_inputs = {i.name for i in self.graph.input} - set(self.initializers)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self._dep_memo: dict[str, bool] = {}
 
     def const_value(self, name: str) -> np.ndarray | None:
         """Value of an initializer or Constant output (None when computed or not loaded).
@@ -62,22 +63,36 @@ class GraphIndex:
                     return list(a.t.dims)
         return None
 
-    def is_data_independent(self, name: str, _seen: set[str] | None = None) -> bool:
-        """True when `name` does not depend on input data (constants, or computed from Shape)."""
-        seen = _seen if _seen is not None else set()
-        if name in seen:
-            return True
-        seen.add(name)
-        if name in self.initializers:
-            return True
-        if name in self.graph_inputs:
-            return False
-        node = self.producer.get(name)
-        if node is None:
-            return False
-        if node.op_type in ("Constant", "Shape", "Size"):
-            return True
-        return all(self.is_data_independent(i, seen) for i in node.input if i)
+    def is_data_independent(self, name: str) -> bool:
+        """True when `name` does not depend on input data (constants, or computed from Shape).
+
+        Iterative with a memo: a 40-block ViT-g chain is deeper than Python's recursion limit.
+        """
+        memo = self._dep_memo
+        stack = [name]
+        while stack:
+            t = stack[-1]
+            if t in memo:
+                stack.pop()
+                continue
+            if t in self.initializers:
+                memo[t] = True
+            elif t in self.graph_inputs:
+                memo[t] = False
+            else:
+                node = self.producer.get(t)
+                if node is None:
+                    memo[t] = False
+                elif node.op_type in ("Constant", "Shape", "Size"):
+                    memo[t] = True
+                else:
+                    pending = [i for i in node.input if i and i not in memo]
+                    if pending:
+                        stack.extend(pending)
+                        continue
+                    memo[t] = all(memo[i] for i in node.input if i)
+            stack.pop()
+        return memo[name]
 
     def is_scalar_const(self, name: str) -> bool:
         """A data-independent operand of size 1 (a scale)."""
@@ -211,14 +226,22 @@ def elem_type_of(model: onnx.ModelProto, name: str) -> int | None:
 
 
 def infer_elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of every tensor via onnx shape inference on a weight-free copy."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
+    """Element types of every tensor via onnx shape inference on a weight-free copy (initializers
+    become typed graph inputs), so inline weights are neither copied nor scanned."""
+    g = model.graph
+    inits = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
+    init_names = {t.name for t in g.initializer}
+    light_graph = helper.make_graph(
+        list(g.node), g.name or "g", [i for i in g.input if i.name not in init_names] + inits, list(g.output),
+        value_info=list(g.value_info),
+    )
+    light = helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is best effort; callers fall back
         inferred = light
-    out = {t.name: t.data_type for t in model.graph.initializer}
+    out = {t.name: t.data_type for t in g.initializer}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if v.type.tensor_type.elem_type:
             out[v.name] = v.type.tensor_type.elem_type
