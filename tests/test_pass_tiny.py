@@ -309,3 +309,25 @@ def test_refuses_softmax_not_fed_by_matmul():
 def test_refuses_old_opset():
     with pytest.raises(MatchError, match="opset 11"):
         apply_itae(_attention_graph(opset=11), ITAEConfig(), num_prefix_tokens=P)
+
+
+def test_deep_graph_does_not_hit_recursion_limit():
+    """ViT-g has ~40 blocks of ~25 nodes before the final attention; the walks must be iterative."""
+    model = _attention_graph()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f"))
+    chain = []
+    prev = "x"
+    for i in range(3000):
+        chain.append(helper.make_node("Add", [prev, "zero_f"], [f"deep_{i}"]))
+        prev = f"deep_{i}"
+    for n in model.graph.node:
+        for j, name in enumerate(n.input):
+            if name == "x":
+                n.input[j] = prev
+    nodes = chain + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    x = _x()
+    cfg = ITAEConfig(threshold=_midpoint_threshold(_attention_graph(), x, ITAEConfig()))
+    patched, _ = apply_itae(model, cfg, num_prefix_tokens=P)
+    assert np.abs(_run(patched, x) - _numpy_itae(_attention_graph(), x, cfg)).max() <= 1e-5
