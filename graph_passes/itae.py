@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .config import ITAEConfig
+from .decompose import decompose_final_attention
 from .graph import Builder, GraphIndex, infer_elem_types, toposort
 from .match import (
     INSERTED_PREFIX,
@@ -100,8 +101,10 @@ def apply_itae(
     check_patchable(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    decomposed = decompose_final_attention(out)  # opset >= 23 fused Attention -> MatMul/Softmax/MatMul
     ix = GraphIndex(out)
     m = match_final_attention(out, ix)
+    m.decomposed = decomposed
     prefix = num_prefix_tokens if num_prefix_tokens is not None else infer_num_prefix_tokens(out, ix)
     if prefix is None:
         raise MatchError(

@@ -62,6 +62,7 @@ class AttentionMatch:
     projections: dict[str, str]  # q/k/v -> name of the projection node (same node: fused qkv)
     num_softmax: int
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    decomposed: str | None = None  # fused Attention op rewritten into this explicit form (decompose.py)
 
     @property
     def fused_qkv(self) -> bool:
@@ -80,7 +81,7 @@ class AttentionMatch:
             "projections": self.projections,
             "attention_blocks": self.num_softmax,
             "rejected_candidates": [f"{n}: {r}" for n, r in self.rejected],
-        }
+        } | ({"decomposed_attention": self.decomposed} if self.decomposed else {})
 
 
 def already_patched(model: onnx.ModelProto) -> str | None:
@@ -135,6 +136,14 @@ def _find_projection(ix: GraphIndex, name: str) -> str | None:
     return None
 
 
+def _is_nan_guard(ix: GraphIndex, node: onnx.NodeProto, t: str) -> bool:
+    """Where(IsNaN(t), const, t): torch's SDPA export zeroes fully-masked rows this way."""
+    if node.op_type != "Where" or len(node.input) != 3 or node.input[2] != t:
+        return False
+    cond = ix.producer.get(node.input[0])
+    return cond is not None and cond.op_type == "IsNaN" and cond.input[0] == t and ix.is_data_independent(node.input[1])
+
+
 def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> AttentionMatch:
     axis = ix.attr(softmax, "axis", -1)
     if axis not in (-1, 3):
@@ -142,6 +151,15 @@ def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> Atte
     logits = softmax.input[0]
     qk_src, logit_scaled = _strip_scales(ix, logits)
     qk = ix.producer.get(qk_src)
+    if qk is not None and qk.op_type == "Add" and len(qk.input) == 2:
+        # a data-independent additive mask (Hugging Face adds an all-visible 0/-inf bias even
+        # without padding): ITAE then acts on the biased logits, which is what Softmax sees
+        for x, bias in ((qk.input[0], qk.input[1]), (qk.input[1], qk.input[0])):
+            if ix.is_data_independent(bias) and not ix.is_data_independent(x):
+                qk_src, scaled = _strip_scales(ix, x)
+                logit_scaled = logit_scaled or scaled
+                qk = ix.producer.get(qk_src)
+                break
     if qk is None or qk.op_type != "MatMul":
         found = qk.op_type if qk is not None else "a graph input"
         raise MatchError("qk-matmul", f"the Softmax input comes from {found}, not from a Q*K^T MatMul (through a scale)")
@@ -157,7 +175,7 @@ def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> Atte
             for c in ix.consumers.get(t, []):
                 if c.op_type == "MatMul" and c.input[0] == t:
                     pv = c
-                elif c.op_type in PASSTHROUGH_OPS:
+                elif c.op_type in PASSTHROUGH_OPS or _is_nan_guard(ix, c, t):
                     nxt.append(c.output[0])
         if pv is not None:
             break
@@ -178,21 +196,27 @@ def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> Atte
 def match_final_attention(model: onnx.ModelProto, ix: GraphIndex | None = None) -> AttentionMatch:
     """Match the final attention block; try Softmax nodes from the last one backwards so that a
     classifier Softmax after the blocks is skipped (and reported as a rejected candidate)."""
+    from .decompose import decompose_final_attention, final_fused_attention
+
+    if final_fused_attention(model) is not None:
+        # opset >= 23 fused Attention with no Softmax after it: match its exact decomposition in a
+        # copy (apply_itae decomposes its own copy first, so it never gets here)
+        explicit = onnx.ModelProto()
+        explicit.CopyFrom(model)
+        name = decompose_final_attention(explicit)
+        m = match_final_attention(explicit)
+        m.decomposed = name
+        return m
     ix = ix or GraphIndex(model)
     softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
     if not softmaxes:
-        fused = sorted({n.op_type for n in model.graph.node if n.op_type in ("Attention", "MultiHeadAttention")})
-        if fused:
-            raise MatchError(
-                "softmax",
-                f"attention is a fused {'/'.join(fused)} op with no Softmax to anchor on",
-                "export without attention fusion (opset <= 22, no onnxruntime transformer optimizer) and patch that file",
-            )
         raise MatchError("softmax", "the graph has no Softmax node, so no attention block; is this a ViT graph?")
+    # blocks still fused (opset >= 23 Attention before the decomposed final one) count too
+    num_blocks = len(softmaxes) + sum(n.op_type in ("Attention", "MultiHeadAttention") for n in model.graph.node)
     rejected: list[tuple[str, str]] = []
     for sm in reversed(softmaxes):
         try:
-            m = _match_at(ix, sm, len(softmaxes))
+            m = _match_at(ix, sm, num_blocks)
             m.rejected = rejected
             return m
         except MatchError as e:
