@@ -246,3 +246,25 @@ def infer_elem_types(model: onnx.ModelProto) -> dict[str, int]:
         if v.type.tensor_type.elem_type:
             out[v.name] = v.type.tensor_type.elem_type
     return out
+
+
+def all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers and Constant/attribute tensors, subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            for g in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+                yield from all_tensors(g)
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """Relative paths of the external data files a model references (weights need not be loaded)."""
+    locs = set()
+    for t in all_tensors(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    locs.add(kv.value)
+    return sorted(locs)

@@ -26,6 +26,7 @@ from graph_passes.config import (
     ConfigError,
     ITAEConfig,
 )
+from graph_passes.graph import all_tensors, external_locations
 from graph_passes.match import PassError
 
 from .errors import ItaeError, OutputExistsError, ParityError, UsageError
@@ -102,24 +103,8 @@ def load_onnx_checked(path: str | Path, flag: str = "input"):
     return model
 
 
-def external_locations(model) -> list[str]:
-    import onnx
-
-    from .export import _all_tensors
-
-    locs = set()
-    for t in _all_tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    locs.add(kv.value)
-    return sorted(locs)
-
-
 def _set_location(model, old: str, new: str) -> None:
-    from .export import _all_tensors
-
-    for t in _all_tensors(model.graph):
+    for t in all_tensors(model.graph):
         for kv in t.external_data:
             if kv.key == "location" and kv.value == old:
                 kv.value = new

@@ -17,6 +17,8 @@ import onnx
 import torch
 from torch import nn
 
+from graph_passes.graph import external_locations
+
 from .errors import ExportError
 
 INPUT_NAME = "pixel_values"
@@ -144,20 +146,4 @@ def onnx_files(onnx_path: str | Path) -> list[Path]:
     """The ONNX file and the external data files it references."""
     p = Path(onnx_path)
     m = onnx.load(str(p), load_external_data=False)
-    locs = set()
-    for t in _all_tensors(m.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    locs.add(kv.value)
-    return [p] + [p.parent / loc for loc in sorted(locs)]
-
-
-def _all_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            for g in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-                yield from _all_tensors(g)
+    return [p] + [p.parent / loc for loc in external_locations(m)]
