@@ -255,6 +255,7 @@ def all_tensors(graph: onnx.GraphProto):
         for a in node.attribute:
             if a.HasField("t"):
                 yield a.t
+            yield from a.tensors
             for g in list(a.graphs) + ([a.g] if a.HasField("g") else []):
                 yield from all_tensors(g)
 

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph import external_locations
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -404,23 +406,7 @@ def applied_passes(model: onnx.ModelProto) -> dict[str, dict]:
 
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
     """Relative paths of the external data files `model` refers to (sorted, unique)."""
-    locs: set[str] = set()
-
-    def tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
-
-    for g in _subgraphs(model.graph):
-        for t in tensors(g):
-            if t.data_location == TensorProto.EXTERNAL:
-                for kv in t.external_data:
-                    if kv.key == "location":
-                        locs.add(kv.value)
+    locs = external_locations(model)
     for loc in locs:
         p = Path(loc)
         if p.is_absolute() or ".." in p.parts:
@@ -428,7 +414,7 @@ def external_data_locations(model: onnx.ModelProto) -> list[str]:
                 f"external data location {loc!r} is not a plain relative path; re-save the model with "
                 "its data beside it"
             )
-    return sorted(locs)
+    return locs
 
 
 def copy_external_data(model: onnx.ModelProto, source_dir: str | Path, dest_dir: str | Path) -> list[Path]:

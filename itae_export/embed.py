@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, UsageError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, sha256_file
 
 CACHE_FORMAT = 1
 
@@ -33,11 +33,7 @@ def file_digest(path: str | Path) -> dict:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = sha256_file(p)
     return {"path": str(p), "size": st.st_size, "sha256": _DIGESTS[key]}
 
 

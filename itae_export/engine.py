@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -65,8 +64,10 @@ from typing import Any
 
 import numpy as np
 
+from graph_passes.graph import external_locations
+
 from .errors import EngineError, ParityError, UsageError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, sha256_file
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BUILDERS = ("auto", "python", "trtexec")
@@ -927,22 +928,8 @@ def run_in_batches(run: Any, x: np.ndarray, max_batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(run(x[i : i + max_batch])) for i in range(0, len(x), max_batch)], axis=0)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _external_data_files(onnx_path: Path) -> list[Path]:
-    model = _load_onnx_header(onnx_path)
-    names: set[str] = set()
-    for init in model.graph.initializer:
-        for kv in init.external_data:
-            if kv.key == "location":
-                names.add(kv.value)
-    return sorted(onnx_path.parent / n for n in names)
+    return [onnx_path.parent / n for n in external_locations(_load_onnx_header(onnx_path))]
 
 
 def _jsonable(v: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -50,3 +51,11 @@ def atomic_write_bytes(final: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(final: str | Path, text: str) -> Path:
     return atomic_write_bytes(final, text.encode())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
