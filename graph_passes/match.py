@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from .graph import GraphIndex
@@ -230,32 +231,128 @@ def match_final_attention(model: onnx.ModelProto, ix: GraphIndex | None = None) 
     )
 
 
+TOKEN_AXIS = (1, -2)
+# ops whose inputs after the first are shapes, indices or sizes: a token tensor flows through input 0 only
+PARAM_INPUT_OPS = ("Expand", "Reshape", "Slice", "Tile", "Resize", "Pad", "Unsqueeze", "Squeeze", "Gather",
+                   "Split", "Transpose", "Flatten", "Upsample")
+# per-token ops between the token Concat and the blocks (position-embedding Add, dtype casts, norms)
+TOKENWISE_OPS = ("Add", "Sub", "Mul", "Div", "Cast", "Identity", "Dropout", "LayerNormalization")
+_UNBOUNDED = 2**30
+
+
 def _prefix_from_concat(ix: GraphIndex) -> int | None:
-    """Count the CLS/register tokens from the token Concat on axis 1: every input except the one
-    coming from the patch-embedding Conv is a learned [1, k, D] token tensor (maybe expanded)."""
+    """Count the CLS/register tokens at the input of the first attention block.
+
+    The token sequence is built by Concat(s) on axis 1 before the first Softmax/Attention; exactly
+    one input of each carries the patch embeddings (it reaches the patch-embedding Conv through
+    data inputs), the others are learned [1, k, D] token tensors (maybe expanded). Some exporters
+    build it in two steps: Hugging Face's registers model concatenates [CLS, patches], adds the
+    position embeddings, then splices the registers in with Concat(x[:, :1], registers, x[:, 1:]);
+    `_stream_prefix` follows the prefix through such Slices. The last patch-carrying token Concat
+    before the blocks wins.
+    """
     convs = [n for n in ix.graph.node if n.op_type == "Conv"]
     if not convs:
         return None
     conv_out = convs[0].output[0]
+    found = None
     for node in ix.graph.node:
-        if node.op_type != "Concat" or ix.attr(node, "axis") not in (1, -2) or len(node.input) < 2:
-            continue
-        total, patch_inputs = 0, 0
+        if node.op_type in ("Softmax", "Attention", "MultiHeadAttention"):
+            break
+        if node.op_type == "Concat" and ix.attr(node, "axis") in TOKEN_AXIS and len(node.input) >= 2:
+            p = _stream_prefix(ix, node.output[0], conv_out)
+            if p is not None and p > 0:
+                found = p
+    return found
+
+
+def _stream_prefix(ix: GraphIndex, name: str, conv_out: str, depth: int = 0) -> int | None:
+    """Prefix tokens ahead of the patches in token tensor `name` (0 for the bare patch tokens);
+    None when `name` does not carry the patches or the layout cannot be read."""
+    if depth > 40 or not _reaches(ix, name, conv_out):
+        return None
+    if name == conv_out:
+        return 0
+    node = ix.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Concat":
+        if ix.attr(node, "axis") not in TOKEN_AXIS:
+            return None
+        total, prefix = 0, None
         for t in node.input:
             if _reaches(ix, t, conv_out):
-                patch_inputs += 1
+                sl = _prefix_slice(ix, t, conv_out, depth)
+                if sl is not None:  # a slice of the prefix (CLS re-inserted ahead of the registers)
+                    total += sl
+                    continue
+                if prefix is not None:
+                    return None  # two patch-carrying inputs: not a token Concat we understand
+                inner = _stream_prefix(ix, t, conv_out, depth + 1)
+                if inner is None:
+                    return None
+                prefix = total + inner
                 continue
-            k = _token_count(ix, t)
-            if k is None:
-                total = -1
-                break
-            total += k
-        if patch_inputs == 1 and total > 0:
-            return total
+            if prefix is None:
+                k = _token_count(ix, t)
+                if k is None:
+                    return None
+                total += k
+            # tokens after the patches are not prefix tokens
+        return prefix
+    if node.op_type == "Slice":
+        bounds = _slice_bounds(ix, node)
+        if bounds is None:
+            return None
+        start, end = bounds
+        inner = _stream_prefix(ix, node.input[0], conv_out, depth + 1)
+        if inner is None or end < _UNBOUNDED or start > inner:
+            return None
+        return inner - start
+    if node.op_type in TOKENWISE_OPS:
+        carriers = [i for i in node.input if i and _reaches(ix, i, conv_out)]
+        return _stream_prefix(ix, carriers[0], conv_out, depth + 1) if len(carriers) == 1 else None
+    if node.op_type in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+        # Conv [B,D,h,w] -> [B,D,N] -> [B,N,D]: the bare patch tokens
+        return _stream_prefix(ix, node.input[0], conv_out, depth + 1)
     return None
 
 
+def _slice_bounds(ix: GraphIndex, node: onnx.NodeProto) -> tuple[int, int] | None:
+    """(start, end) of a unit-step Slice on the token axis; end >= _UNBOUNDED when open-ended."""
+    if len(node.input) >= 3:
+        vals = [ix.const_value(i) if i else None for i in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+        starts, ends, axes, steps = vals
+    else:  # opset < 10: attributes
+        starts, ends, axes, steps = (ix.attr(node, a) for a in ("starts", "ends", "axes", "steps"))
+    if starts is None or ends is None or np.size(starts) != 1:
+        return None
+    axis = int(np.ravel(axes)[0]) if axes is not None else 0
+    if axis not in TOKEN_AXIS or (steps is not None and int(np.ravel(steps)[0]) != 1):
+        return None
+    start, end = int(np.ravel(starts)[0]), int(np.ravel(ends)[0])
+    if start < 0 or end < 0:
+        return None  # counted from the end: depends on the number of patches
+    return start, end
+
+
+def _prefix_slice(ix: GraphIndex, name: str, conv_out: str, depth: int) -> int | None:
+    """Token count of `name` when it is a bounded Slice lying inside the prefix of a token tensor."""
+    node = ix.producer.get(name)
+    if node is None or node.op_type != "Slice":
+        return None
+    bounds = _slice_bounds(ix, node)
+    if bounds is None or bounds[1] >= _UNBOUNDED:
+        return None
+    inner = _stream_prefix(ix, node.input[0], conv_out, depth + 1)
+    if inner is None or bounds[1] > inner:
+        return None
+    return bounds[1] - bounds[0]
+
+
 def _reaches(ix: GraphIndex, name: str, target: str, depth: int = 40) -> bool:
+    """Does `name` depend on `target` through data inputs? Shapes, indices and sizes do not count:
+    Expand(cls_token, Shape(patches)) is still a learned token, not the patches."""
     stack, seen = [(name, 0)], set()
     while stack:
         t, d = stack.pop()
@@ -265,8 +362,10 @@ def _reaches(ix: GraphIndex, name: str, target: str, depth: int = 40) -> bool:
             continue
         seen.add(t)
         node = ix.producer.get(t)
-        if node is not None:
-            stack.extend((i, d + 1) for i in node.input if i)
+        if node is None or node.op_type in ("Shape", "Size", "ConstantOfShape"):
+            continue
+        inputs = node.input[:1] if node.op_type in PARAM_INPUT_OPS else node.input
+        stack.extend((i, d + 1) for i in inputs if i)
     return False
 
 

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_passes.config import ITAEConfig
 from graph_passes.decompose import DecomposeError, decompose_final_attention
 from graph_passes.itae import apply_itae
-from graph_passes.match import MatchError
+from graph_passes.match import MatchError, infer_num_prefix_tokens
 from itae_export.reference import ITAEReference, flag_artifacts, last_block_stats, token_norms
 from itae_export.validate import compare
 
@@ -210,12 +210,33 @@ def test_float16_patch(source, opts, exported, opset23, tiny_models, images, tmp
 # --- 3. Hugging Face transformers Dinov2Model ----------------------------------------------------
 
 
-def _hf_model(impl: str):
+def _hf_model(impl: str, registers: int = 0, image_size: int = IMG, depth: int = 2):
+    """Tiny seeded Dinov2Model, or Dinov2WithRegistersModel when `registers` > 0, with distinct
+    random CLS/register tokens (the registers start as zeros in transformers' init)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, image_size=IMG,
-                                    patch_size=14, initializer_range=0.2)
+    common = {"hidden_size": 384, "num_hidden_layers": depth, "num_attention_heads": 6, "image_size": image_size,
+              "patch_size": 14, "initializer_range": 0.2}
+    if registers:
+        cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        model = transformers.Dinov2WithRegistersModel._from_config(cfg, attn_implementation=impl).eval()
+        with torch.no_grad():
+            model.embeddings.register_tokens.normal_(0.0, 1.0)
+            model.embeddings.cls_token.normal_(0.0, 1.0)
+        return model
+    cfg = transformers.Dinov2Config(**common)
     return transformers.Dinov2Model._from_config(cfg, attn_implementation=impl).eval()
+
+
+def _export_hf(wrapped: torch.nn.Module, path, *, dynamic_hw: bool = False):
+    dims = {0: torch.export.Dim("batch", min=1, max=64)}
+    if dynamic_hw:  # position embeddings interpolated in the graph (Resize), not folded at export
+        dims |= {2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    prog = torch.onnx.export(wrapped, (torch.zeros(2, 3, IMG, IMG),), dynamo=True, input_names=["pixel_values"],
+                             output_names=["embedding"], opset_version=18, verbose=False,
+                             dynamic_shapes={"pixel_values": dims})
+    prog.save(str(path))
+    return path
 
 
 class _Pooled(torch.nn.Module):
@@ -248,36 +269,73 @@ def _hf_itae_forward(attn: torch.nn.Module, cfg: ITAEConfig, prefix: int, stats:
     return forward
 
 
+def _hf_parity(hf: torch.nn.Module, prefix: int, path, images: torch.Tensor, tmp_path, **opts):
+    """Patch the exported HF graph with the prefix inferred from the graph; compare with the
+    PyTorch ITAE reference at a threshold that flags some patch tokens and not others."""
+    wrapped = _Pooled(hf).eval()
+    attn = hf.encoder.layer[-1].attention
+    stats: dict = {}
+    probe = ITAEConfig(norm_source=opts.get("norm_source", "v"))
+    with torch.no_grad():
+        base = wrapped(images).numpy()
+        attn.forward = _hf_itae_forward(attn, probe, prefix, stats)
+        wrapped(images)
+        del attn.forward
+    cfg = ITAEConfig(threshold=_gap_threshold(stats["norms"], prefix), **opts)
+    patched, res = apply_itae(onnx.load(str(path)), cfg)  # no num_prefix_tokens: inferred
+    assert res.num_prefix_tokens == prefix
+    assert res.matched["qkv_projection"] == "separate"
+    got = _run(patched, tmp_path / "hf-itae.onnx", images.numpy())
+    attn.forward = _hf_itae_forward(attn, cfg, prefix, stats)
+    with torch.no_grad():
+        want = wrapped(images).numpy()
+    del attn.forward
+    flagged = stats["flagged"]
+    assert not flagged[:, :prefix].any()
+    assert 0 < int(flagged.sum()) < flagged[:, prefix:].numel()
+    par = compare(want, got)
+    assert par.max_abs <= 1e-4 and par.cos_min >= 0.99999, par
+    assert compare(base, want).max_abs > 1e-3  # ITAE changed the embedding: the check proves something
+    return par
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_hf_dinov2(impl, images, tmp_path):
     hf = _hf_model(impl)
-    wrapped = _Pooled(hf).eval()
-    x = images
-    attn = hf.encoder.layer[-1].attention
-    stats: dict = {}
-    with torch.no_grad():
-        base = wrapped(x).numpy()
-        attn.forward = _hf_itae_forward(attn, ITAEConfig(), 1, stats)  # probe: the v norms
-        wrapped(x)
-        del attn.forward
-    cfg = ITAEConfig(threshold=_gap_threshold(stats["norms"], 1))
-    path = tmp_path / f"hf-{impl}.onnx"
-    prog = torch.onnx.export(wrapped, (torch.zeros(2, 3, IMG, IMG),), dynamo=True, input_names=["pixel_values"],
-                             output_names=["embedding"], opset_version=18, verbose=False,
-                             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=64)}})
-    prog.save(str(path))
-    patched, res = apply_itae(onnx.load(str(path)), cfg, num_prefix_tokens=1)
-    assert res.matched["qkv_projection"] == "separate"
-    got = _run(patched, tmp_path / "hf-itae.onnx", x.numpy())
-    attn.forward = _hf_itae_forward(attn, cfg, 1, stats)
-    with torch.no_grad():
-        want = wrapped(x).numpy()
-    del attn.forward
-    flagged = stats["flagged"]
-    assert 0 < int(flagged.sum()) < flagged[:, 1:].numel()
-    par = compare(want, got)
-    assert par.max_abs <= 1e-4 and par.cos_min >= 0.99999, par
-    assert compare(base, want).max_abs > 1e-3
+    path = _export_hf(_Pooled(hf).eval(), tmp_path / f"hf-{impl}.onnx")
+    _hf_parity(hf, 1, path, images, tmp_path)
+
+
+def test_hf_prefix_inferred_through_pos_embed_resize(tmp_path):
+    """Position embeddings for 42 px interpolated in the graph (bicubic Resize) to the input size:
+    their own [class_pos, patch_pos] Concat on axis 1 must not be taken for the token Concat."""
+    hf = _hf_model("eager", image_size=42, depth=1)
+    g = onnx.load(str(_export_hf(_Pooled(hf).eval(), tmp_path / "hf-resize.onnx", dynamic_hw=True)))
+    assert any(n.op_type == "Resize" for n in g.graph.node)
+    assert infer_num_prefix_tokens(g) == 1
+
+
+@pytest.fixture(scope="module")
+def hf_registers(tmp_path_factory):
+    """Dinov2WithRegistersModel, 4 registers (exports with dynamo only, see EXPORT_NOTES)."""
+    hf = _hf_model("sdpa", registers=4)
+    path = _export_hf(_Pooled(hf).eval(), tmp_path_factory.mktemp("hfreg") / "hf-reg.onnx")
+    return hf, path
+
+
+def test_hf_registers_prefix_inferred(hf_registers):
+    hf, path = hf_registers
+    regs = hf.embeddings.register_tokens[0]
+    assert torch.cdist(regs, regs).fill_diagonal_(1.0).min() > 1e-3  # distinct: the splice matters
+    g = onnx.load(str(path))
+    assert not any(p.key.startswith("itae") for p in g.metadata_props)  # no metadata to read it from
+    assert infer_num_prefix_tokens(g) == 5  # CLS + 4 registers spliced in after the position add
+
+
+@pytest.mark.parametrize("opts", [{}, {"norm_source": "k", "attenuation": "mask"}])
+def test_hf_registers_parity(opts, hf_registers, images, tmp_path):
+    hf, path = hf_registers
+    _hf_parity(hf, 5, path, images, tmp_path, **opts)
 
 
 # --- 4. itae-inspect -----------------------------------------------------------------------------
@@ -306,3 +364,10 @@ def test_inspect_float16(opset23, tmp_path, capsys):
     rep = _inspect(path, capsys)
     assert rep["decomposed_attention"] and rep["attention_blocks"] == 2
     assert rep["embed_dim"] == 384 and rep["would_insert"]["Cast"] >= 1
+
+
+def test_inspect_hf_registers(hf_registers, capsys):
+    rep = _inspect(hf_registers[1], capsys)
+    assert rep["num_prefix_tokens"] == 5 and rep["registers"] == 4
+    assert rep["attention_blocks"] == 2 and rep["qkv_projection"] == "separate"
+    assert rep["num_heads"] == 6 and rep["embed_dim"] == 384
