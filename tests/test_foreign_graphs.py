@@ -371,3 +371,34 @@ def test_inspect_hf_registers(hf_registers, capsys):
     assert rep["num_prefix_tokens"] == 5 and rep["registers"] == 4
     assert rep["attention_blocks"] == 2 and rep["qkv_projection"] == "separate"
     assert rep["num_heads"] == 6 and rep["embed_dim"] == 384
+
+
+# --- 5. graphs simplified by onnxslim ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "exporter", "opts"),
+    [("plain", "dynamo", {}), ("reg", "torchscript", {"norm_source": "q", "norm_scope": "head", "rows": "all"})],
+)
+def test_onnxslim_patch(variant, exporter, opts, exported, tiny_models, images, tmp_path):
+    """onnxslim folds shape chains and drops metadata_props, so the prefix is inferred from the
+    graph. It keeps 1/sqrt(Dh) as Mul on q and k (not folded into the qkv weights), so q/k norms
+    are still those of unscaled q/k, as in the reference; were the scale folded into the weights,
+    the pass would read scaled q/k and a q/k threshold would have to include that scale."""
+    onnxslim = pytest.importorskip("onnxslim")
+    model = tiny_models[variant]
+    slim = onnxslim.slim(onnx.load(str(exported(variant, exporter))))
+    assert not any(p.key.startswith("itae") for p in slim.metadata_props)
+    cfg = _cfg(model, images, **opts)
+    patched, res = apply_itae(slim, cfg)
+    assert res.num_prefix_tokens == model.num_prefix_tokens
+    assert set(res.matched["scale_on"]) == {"q", "k"}  # see the docstring if this changes
+    got = _run(patched, tmp_path / "slim-itae.onnx", images.numpy())
+    with torch.no_grad():
+        want = ITAEReference(model, cfg)(images).numpy()
+        base = model(images).numpy()
+    flagged = last_block_stats(model, images, cfg)["flagged"]
+    assert 0 < flagged.sum() < flagged[..., model.num_prefix_tokens:].size
+    par = compare(want, got)
+    assert par.max_abs <= 1e-4 and par.cos_min >= 0.99999, par
+    assert compare(base, want).max_abs > 1e-3
