@@ -381,8 +381,8 @@ def test_inspect_hf_registers(hf_registers, capsys):
     [("plain", "dynamo", {}), ("reg", "torchscript", {"norm_source": "q", "norm_scope": "head", "rows": "all"})],
 )
 def test_onnxslim_patch(variant, exporter, opts, exported, tiny_models, images, tmp_path):
-    """onnxslim folds shape chains and drops metadata_props, so the prefix is inferred from the
-    graph. It keeps 1/sqrt(Dh) as Mul on q and k (not folded into the qkv weights), so q/k norms
+    """onnxslim folds shape chains (Shape/Gather/Concat runs, Split -> Slice); the export carries no
+    prefix metadata, so the prefix is inferred from the slimmed token Concat. onnxslim keeps 1/sqrt(Dh) as Mul on q and k (not folded into the qkv weights), so q/k norms
     are still those of unscaled q/k, as in the reference; were the scale folded into the weights,
     the pass would read scaled q/k and a q/k threshold would have to include that scale."""
     onnxslim = pytest.importorskip("onnxslim")
