@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULT_MODELS = "dinov2_vits14,dinov2_vitl14"
+GAP_S = 0.25  # idle time before each timed run (see time_interleaved)
 
 # Runs `argv[1:]` as the wrapper's only child, so RUSAGE_CHILDREN.ru_maxrss is that child's peak
 # (ru_maxrss of children is the largest peak among waited-for descendants, not a sum).
@@ -213,6 +214,9 @@ def time_interleaved(
     ts: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(repeats):
         for key, fn in cases.items():
+            # ORT's and OpenMP's worker threads spin for a while after a run; on a 2-core machine that
+            # steals the cores from the next case (a different runtime), so let them go idle first
+            time.sleep(GAP_S)
             t = time.perf_counter()
             fn()
             ts[key].append(time.perf_counter() - t)
@@ -574,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "img_size": args.img_size,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "gap_s_before_each_run": GAP_S,
         "depth_override": args.depth,
     }
     n, tries = (512, 3) if args.smoke else (2048, 8)
