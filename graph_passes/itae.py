@@ -202,7 +202,13 @@ def _emit(b: Builder, m: AttentionMatch, cfg: ITAEConfig, prefix: int, logit_typ
 
     # 4. attenuation
     if cfg.attenuation == "min-logit":
-        patch_logits = b.slice_last(m.logits, prefix, hint="patch_logits")
+        rows_src = m.logits
+        if cfg.rows == "cls":
+            # only the CLS row is attenuated: reduce over [B,H,1,T], not the whole [B,H,T,T]
+            rows_src = b.op("Slice", [m.logits, b.const("row0_start", np.array([0], dtype=np.int64)),
+                                      b.const("row0_end", np.array([1], dtype=np.int64)),
+                                      b.const("row_axis", np.array([2], dtype=np.int64))], "cls_logits")
+        patch_logits = b.slice_last(rows_src, prefix, hint="patch_logits")
         row_min = b.reduce("ReduceMin", patch_logits, [3], hint="row_min_logit")
         return b.op("Where", [cond, row_min, m.logits], "attenuated_logits"), None
     if cfg.attenuation == "mask":
