@@ -1,0 +1,308 @@
+"""Fast CPU path: ONNX Runtime dynamic int8 quantization of an ITAE graph, with the ITAE nodes and
+the whole final transformer block kept in fp32, and the accuracy it costs.
+
+Why the final block stays fp32: ITAE flags tokens by the length of their v (or q/k) vectors and
+edits the final attention's logits; int8 rounding of the qkv projection would move those lengths
+near the threshold and change which tokens are flagged. The final block is also where the output
+embedding is formed, so its rounding error would reach the output undamped. The earlier blocks'
+MatMuls (most of the FLOPs) are quantized.
+
+Used by `itae-export --fast-path int8` (flags added through add_cli_args).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graph_passes.graph import GraphIndex, external_locations
+from graph_passes.match import INSERTED_PREFIX, MatchError, match_final_attention
+
+FAST_PATHS = ("none", "int8")
+META_FAST_PATH = "itae_export.fast_path"
+META_ACCURACY = "itae_export.fast_path_accuracy"
+FAST_PATH_VALUE = "int8-dynamic"
+# ops whose weights quantize_dynamic turns into MatMulInteger / DynamicQuantizeLinear
+QUANTIZED_OPS = ("MatMul", "Gemm")
+# weight type: "qint8" (signed weights, uint8 activations = U8S8), see quantize_int8
+DEFAULT_WEIGHT_TYPE = "qint8"
+EVAL_K = 10
+
+
+# ------------------------------------------------------------------------------------- structure
+def _final_layernorm(model: onnx.ModelProto, ix: GraphIndex) -> onnx.NodeProto:
+    """The LayerNormalization that feeds the final attention's qkv projection (found from the
+    graph's structure, not from weight names)."""
+    itae_inputs = [i for n in model.graph.node if n.name.startswith(INSERTED_PREFIX) for i in n.input
+                   if i and i in ix.producer and not ix.producer[i].name.startswith(INSERTED_PREFIX)
+                   and not ix.is_data_independent(i)]
+    if itae_inputs:
+        # patched graph: ITAE rewired the final Softmax, so match_final_attention would skip to an
+        # earlier block; start from what the ITAE nodes read (q/k/v, the logits) instead
+        starts, what = itae_inputs, "the ITAE nodes' inputs"
+    else:
+        m = match_final_attention(model, ix)
+        proj = next((n for n in model.graph.node if (n.name or n.output[0]) == m.projections["q"]), None)
+        if proj is None:
+            raise MatchError("final-block", f"the qkv projection {m.projections['q']} is not a node of the graph")
+        starts, what = list(proj.output[:1]), f"the qkv projection {m.projections['q']}"
+    ln = _nearest_upstream(ix, starts, "LayerNormalization")
+    if ln is None or not any(c.op_type in ("MatMul", "Gemm") for c in ix.consumers.get(ln.output[0], [])):
+        raise MatchError(
+            "final-block",
+            f"no LayerNormalization op feeding a projection found above {what}",
+            "the fast path needs a fused LayerNormalization (opset >= 17, as itae-export writes); "
+            "run without --fast-path for this graph",
+        )
+    return ln
+
+
+def _nearest_upstream(ix: GraphIndex, starts: list[str], op_type: str, max_depth: int = 24) -> onnx.NodeProto | None:
+    """Breadth-first walk up the data inputs from `starts` to the closest node of `op_type`."""
+    frontier, seen = list(starts), set(starts)
+    for _ in range(max_depth):
+        nxt = []
+        for t in frontier:
+            node = ix.producer.get(t)
+            if node is None:
+                continue
+            if node.op_type == op_type:
+                return node
+            for i in node.input:
+                if i and i not in seen and not ix.is_data_independent(i):
+                    seen.add(i)
+                    nxt.append(i)
+        frontier = nxt
+    return None
+
+
+def final_block_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes of the final transformer block plus every inserted ITAE node ("itae/*").
+
+    The final block starts at the LayerNormalization feeding the final attention's qkv projection;
+    it is every node at or after it in graph (topological) order that depends on that norm's
+    output or on the residual tensor it reads (the block input): attention, ITAE, projection,
+    residual adds, MLP, and the final norm / CLS selection after the block.
+    """
+    ix = GraphIndex(model)
+    ln = _final_layernorm(model, ix)
+    nodes = list(model.graph.node)
+    # protobuf wrappers are not identical objects across accesses: compare by output name
+    start = next(i for i, n in enumerate(nodes) if n.output[0] == ln.output[0])
+    live = {ln.input[0]}
+    block: list[onnx.NodeProto] = []
+    for n in nodes[start:]:
+        if any(i in live for i in n.input if i):
+            block.append(n)
+            live.update(o for o in n.output if o)
+    unnamed = [n.output[0] for n in block if not n.name and n.op_type in QUANTIZED_OPS]
+    if unnamed:
+        raise MatchError("final-block", f"final-block {unnamed[0]} node has no name, so it cannot be excluded "
+                         "from quantization", "name the graph's nodes (every torch exporter does)")
+    names = {n.name for n in block if n.name}
+    names |= {n.name for n in nodes if n.name.startswith(INSERTED_PREFIX)}
+    return names
+
+
+# ------------------------------------------------------------------------------------- quantize
+def _quant_type(weight_type: str):
+    from onnxruntime.quantization import QuantType
+
+    types = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
+    if weight_type not in types:
+        raise ValueError(f"weight_type {weight_type!r}: choose one of {', '.join(types)}")
+    return types[weight_type]
+
+
+def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] | None = None, *,
+                  weight_type: str = DEFAULT_WEIGHT_TYPE, per_channel: bool = False) -> Path:
+    """Dynamic int8 quantization (weights int8 offline, activations uint8 per call) of the MatMul/Gemm
+    nodes of `onnx_in` except `exclude` (default: final_block_nodes). Written atomically: into a
+    temporary folder beside `onnx_out`, then moved into place with its `.data` file (external data
+    format when the input has it). Keeps the input's metadata_props and adds
+    itae_export.fast_path = int8-dynamic.
+
+    weight_type "qint8" (U8S8 MatMulInteger) is the default: on x86 with VNNI (this project's
+    servers) it is the fast kernel and, with a zero point fixed at 0, slightly more accurate than
+    "quint8" (measured on ViT-S/14, see the README); without VNNI, U8S8 may saturate and "quint8"
+    is the safer choice.
+    """
+    from onnxruntime.quantization import quantize_dynamic
+
+    src, out = Path(onnx_in), Path(onnx_out)
+    if src.resolve() == out.resolve():
+        raise ValueError(f"{out} is the input; choose another output path")
+    graph = onnx.load(str(src), load_external_data=False)
+    if exclude is None:
+        exclude = final_block_nodes(graph)
+    external = bool(external_locations(graph))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".itae-int8-", dir=out.parent))
+    try:
+        tmp = work / out.name
+        quantize_dynamic(
+            str(src), str(tmp),
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            weight_type=_quant_type(weight_type),
+            per_channel=per_channel,
+            nodes_to_exclude=sorted(exclude),
+            use_external_data_format=external,
+        )
+        q = onnx.load(str(tmp), load_external_data=False)
+        meta = {p.key: p.value for p in q.metadata_props}
+        meta.update({p.key: p.value for p in graph.metadata_props})  # quantize_dynamic may drop them
+        meta[META_FAST_PATH] = FAST_PATH_VALUE
+        meta["itae_export.fast_path_weights"] = weight_type + ("-per-channel" if per_channel else "")
+        set_metadata(q, meta)
+        onnx.save_model(q, str(tmp))  # graph only: the .data file beside it stays referenced
+        files = [tmp] + [work / loc for loc in external_locations(q)]
+        for f in files:
+            os.chmod(f, 0o644)
+            os.replace(f, out.parent / f.relative_to(work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+
+
+def add_metadata(onnx_path: str | Path, extra: dict[str, str]) -> None:
+    """Add/replace metadata entries of a model in place (graph file only; a temporary file in the
+    same folder is renamed over it, so the external data reference stays valid)."""
+    from .fileio import atomic_path
+
+    p = Path(onnx_path)
+    m = onnx.load(str(p), load_external_data=False)
+    meta = {e.key: e.value for e in m.metadata_props} | extra
+    set_metadata(m, meta)
+    with atomic_path(p, suffix=".onnx") as tmp:
+        onnx.save_model(m, str(tmp))
+    os.chmod(p, 0o644)
+
+
+def quantized_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes quantize_dynamic produced (MatMulInteger/DynamicQuantizeLinear/...)."""
+    q_ops = ("MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "ConvInteger", "QLinearMatMul")
+    return {n.name for n in model.graph.node if n.op_type in q_ops}
+
+
+# ------------------------------------------------------------------------------------- accuracy
+def digits_eval_inputs(img_size: int, n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded subset of n sklearn digits with DINOv2 preprocessing at img_size: (x [n,3,S,S], labels)."""
+    from .data import Preprocess, load_digits_dataset
+
+    ds = load_digits_dataset("all").subset(n, seed=seed)
+    prep = Preprocess(img_size=img_size)
+    x = np.stack([prep(ds.load(i)) for i in range(len(ds))]).astype(np.float32)
+    return x, ds.labels
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
+
+
+def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.ndarray, np.ndarray],
+                    fast_onnx: str | Path, inputs: np.ndarray,
+                    digits: tuple[np.ndarray, np.ndarray], *, k: int = EVAL_K, seed: int = 0) -> dict[str, Any]:
+    """Accuracy of the fast model against the fp32 reference.
+
+    reference: a function x -> embeddings (the PyTorch ITAE reference) or its precomputed outputs
+    (on `inputs`, on the digits images). inputs: the validation images. digits: (images, labels).
+    Returns cosine statistics (itae_export.validate.compare) on both sets and the ARI between the
+    k-means (k, seed) assignments of the fast and the reference embeddings of the digits, plus each
+    one's ARI to the digit labels.
+    """
+    from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
+    from .runtime import OrtRunner
+    from .validate import compare
+
+    dx, labels = digits
+    if callable(reference):
+        ref_val, ref_digits = run_batched(reference, inputs), run_batched(reference, dx)
+    else:
+        ref_val, ref_digits = reference
+    runner = OrtRunner(fast_onnx)
+    fast_val, fast_digits = run_batched(runner.run, inputs), run_batched(runner.run, dx)
+    settings = KMeansSettings(n_clusters=k, seed=seed)
+    a_ref, _ = kmeans(ref_digits, settings)
+    a_fast, _ = kmeans(fast_digits, settings)
+    agree = backend_agreement(ref_digits, fast_digits, a_ref, a_fast)
+    return {
+        "fast_path": FAST_PATH_VALUE,
+        "validation": compare(ref_val, fast_val).to_dict(),
+        "digits": {
+            "images": int(len(dx)),
+            "k": int(k),
+            "seed": int(seed),
+            "cos_min": agree["cos_min"],
+            "cos_mean": agree["cos_mean"],
+            "assignment_ari": agree["assignment_ari"],
+            "label_ari_reference": clustering_metrics(labels, a_ref)["ari"],
+            "label_ari_fast": clustering_metrics(labels, a_fast)["ari"],
+        },
+    }
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    v, d = rep["validation"], rep["digits"]
+    return (f"int8 vs fp32 PyTorch ITAE reference: cosine min {v['cos_min']:.6f} / mean {v['cos_mean']:.6f} on "
+            f"{v['rows']} validation images; digits ({d['images']} images): cosine min {d['cos_min']:.6f} / mean "
+            f"{d['cos_mean']:.6f}, k-means (k={d['k']}) assignment ARI int8 vs fp32 {d['assignment_ari']:.4f} "
+            f"(label ARI fp32 {d['label_ari_reference']:.4f}, int8 {d['label_ari_fast']:.4f})")
+
+
+# ------------------------------------------------------------------------------------- CLI hook
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for `itae-export` (the CLI picks them up like the engine/Triton modules')."""
+    g = parser.add_argument_group(
+        "fast CPU path",
+        "--fast-path int8: ONNX Runtime dynamic int8 quantization of the MatMuls outside the final block "
+        "(ITAE and the final block stay fp32). --out gets the int8 model, <stem>.fp32.onnx the fp32 one.")
+    g.add_argument("--fast-path", choices=FAST_PATHS, default="none", help="CPU fast path (default none)")
+    g.add_argument("--fast-path-eval-images", type=int, default=200, metavar="N",
+                   help="sklearn digits images for the int8 accuracy report (default 200)")
+
+
+def fp32_path(onnx_out: str | Path) -> Path:
+    p = Path(onnx_out)
+    return p.with_name(p.stem + ".fp32.onnx")
+
+
+def keep_fp32_copy(onnx_path: Path, fp32: Path) -> None:
+    """Rename the staged fp32 model (and its external data, re-pointed) to `fp32` in the same folder."""
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    locs = external_locations(m)
+    if len(locs) > 1:
+        raise ValueError("the fp32 model keeps its weights in several files; expected one .data file")
+    if locs:
+        new = fp32.name + ".data"
+        os.replace(onnx_path.parent / locs[0], fp32.parent / new)
+        for t in _tensors(m):
+            for kv in t.external_data:
+                if kv.key == "location" and kv.value == locs[0]:
+                    kv.value = new
+    onnx.save_model(m, str(fp32))
+    onnx_path.unlink()
+
+
+def _tensors(model: onnx.ModelProto):
+    from graph_passes.graph import all_tensors
+
+    return all_tensors(model.graph)
+
+
+def accuracy_json(rep: dict[str, Any]) -> str:
+    return json.dumps(rep, sort_keys=True)

@@ -1,0 +1,140 @@
+"""Fast CPU path (itae_export.fastpath, itae-export --fast-path int8) on tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from graph_passes.config import ITAEConfig
+from graph_passes.match import MatchError
+from itae_export.fastpath import (
+    META_ACCURACY,
+    META_FAST_PATH,
+    accuracy_report,
+    digits_eval_inputs,
+    final_block_nodes,
+    quantize_int8,
+    quantized_nodes,
+)
+from itae_export.runtime import OrtRunner
+
+IMG = 56  # tests/conftest.py: tiny models are 56 px
+
+QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul")
+
+
+@pytest.fixture(scope="module")
+def patched(exported, tmp_path_factory) -> Path:
+    from graph_passes.itae import apply_itae
+
+    model, _ = apply_itae(onnx.load(str(exported("plain", "dynamo"))), ITAEConfig(), num_prefix_tokens=1,
+                          metadata={"itae_export.model": "dinov2_vits14"})
+    out = tmp_path_factory.mktemp("fast") / "itae.onnx"
+    onnx.save_model(model, str(out))
+    return out
+
+
+def test_final_block_nodes_structure(patched, exported):
+    model = onnx.load(str(patched), load_external_data=False)
+    nodes = list(model.graph.node)
+    block = final_block_nodes(model)
+    softmaxes = [n for n in nodes if n.op_type == "Softmax"]
+    norms = [n for n in nodes if n.op_type == "LayerNormalization"]
+    assert softmaxes[-1].name in block
+    assert {n.name for n in nodes if n.name.startswith("itae/")} <= block
+    assert {n.name for n in norms[-3:]} <= block  # last block's norm1, norm2 and the final norm
+    assert norms[0].name not in block and norms[1].name not in block
+    # the first block's attention MatMuls (QK and PV around the first Softmax) stay outside
+    first_sm = softmaxes[0]
+    qk = next(n for n in nodes if first_sm.input[0] in n.output or n.output[0] in first_sm.input)
+    pv = next(n for n in nodes if n.op_type == "MatMul" and first_sm.output[0] in n.input)
+    assert qk.name not in block and pv.name not in block
+    assert any(n.op_type == "MatMul" and n.name not in block for n in nodes)
+    # the unpatched graph gives the same block, without the ITAE nodes
+    base = onnx.load(str(exported("plain", "dynamo")), load_external_data=False)
+    assert final_block_nodes(base) == {b for b in block if not b.startswith("itae/")}
+
+
+def test_final_block_refuses_decomposed_norm(patched):
+    model = onnx.load(str(patched), load_external_data=False)
+    for n in model.graph.node:
+        if n.op_type == "LayerNormalization":
+            n.op_type = "CustomNorm"  # stands in for a ReduceMean/Sub/Pow... decomposition
+    with pytest.raises(MatchError, match="LayerNormalization"):
+        final_block_nodes(model)
+
+
+def test_quantize_int8_keeps_final_block_and_metadata(patched, tiny_models, images, tmp_path):
+    from itae_export.reference import ITAEReference
+
+    src = onnx.load(str(patched), load_external_data=False)
+    excluded = final_block_nodes(src)
+    out = quantize_int8(patched, tmp_path / "int8.onnx", excluded)
+    q = onnx.load(str(out))
+    assert quantized_nodes(q), "no MatMul outside the final block was quantized"
+    by_name = {n.name: n for n in q.graph.node}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    for name in excluded:
+        orig = next(n for n in src.graph.node if n.name == name)
+        assert name in by_name and by_name[name].op_type == orig.op_type, name
+        feeders = [producer[i] for i in by_name[name].input if i in producer]
+        assert not any(f.op_type in QUANT_OPS for f in feeders), name
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert {p.key: p.value for p in src.metadata_props}.items() <= meta.items()
+    assert meta[META_FAST_PATH] == "int8-dynamic"
+
+    x = images.numpy()
+    got = OrtRunner(out).run(x)
+    ref = ITAEReference(tiny_models["plain"], ITAEConfig()).eval()
+    with torch.no_grad():
+        want = ref(images).numpy()
+    assert got.shape == want.shape == (3, tiny_models["plain"].spec.embed_dim)
+    digits = digits_eval_inputs(IMG, 20, seed=0)
+    rep = accuracy_report(lambda a: ref(torch.from_numpy(a)).detach().numpy(), out, x, digits, k=10)
+    assert rep["validation"]["cos_min"] >= 0.99
+    assert rep["digits"]["images"] == 20 and -1.0 <= rep["digits"]["assignment_ari"] <= 1.0
+    assert rep["digits"]["cos_min"] >= 0.99
+
+
+def test_quantize_int8_external_data(patched, tmp_path):
+    ext = tmp_path / "ext" / "m.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(onnx.load(str(patched)), str(ext), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    plain = quantize_int8(patched, tmp_path / "plain.onnx")
+    out = quantize_int8(ext, tmp_path / "out" / "q.onnx")
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert len(files) == 2 and "q.onnx" in files  # the graph and its .data, no temporaries left
+    assert (ext.parent / "m.onnx.data").exists()  # input untouched
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert meta[META_FAST_PATH] == "int8-dynamic"
+    x = np.random.default_rng(3).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
+    np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(plain).run(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_fast_path_end_to_end_and_refusal(tmp_path, capsys):
+    from itae_export.cli import export_main
+
+    tiny = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", str(IMG)]
+    assert export_main([*tiny, "--out", str(tmp_path / "m.engine"), "--fast-path", "int8"]) == 2
+    assert "TensorRT" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+    out = tmp_path / "m.onnx"
+    assert export_main([*tiny, "--out", str(out), "--fast-path", "int8", "--fast-path-eval-images", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "int8 vs fp32 PyTorch ITAE reference" in text and "ARI" in text
+    fp32 = tmp_path / "m.fp32.onnx"
+    assert out.is_file() and fp32.is_file()
+    q, f = onnx.load(str(out)), onnx.load(str(fp32))
+    assert quantized_nodes(q) and not quantized_nodes(f)
+    meta = {p.key: p.value for p in q.metadata_props}
+    acc = json.loads(meta[META_ACCURACY])
+    assert acc["digits"]["images"] == 64 and acc["validation"]["cos_min"] >= 0.99
+    assert META_FAST_PATH not in {p.key for p in f.metadata_props}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp32.onnx", "m.onnx"]
