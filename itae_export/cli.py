@@ -176,7 +176,7 @@ def export_parser() -> argparse.ArgumentParser:
 def _optional_modules():
     """Feature modules that add their own flags (engine building, Triton); absent ones are skipped."""
     mods = []
-    for name in ("engine", "triton"):
+    for name in ("engine", "triton", "fastpath"):
         try:
             mods.append(__import__(f"itae_export.{name}", fromlist=["add_cli_args"]))
         except ImportError:
@@ -207,7 +207,22 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError("--no-itae exports the baseline; drop the ITAE options or --no-itae")
     if args.validate_batch < 1:
         raise UsageError(f"--validate-batch must be >= 1, got {args.validate_batch}")
+    fast = getattr(args, "fast_path", "none") == "int8"
+    if fast:
+        from .fastpath import fp32_path
+
+        if engine_path:
+            raise UsageError("--fast-path int8 is an ONNX Runtime CPU path; for --out *.engine use TensorRT's "
+                             "precision flags instead, or write a .onnx")
+        if _graph_options_requested(args):
+            raise UsageError("--fast-path int8 cannot be combined with --input-format uint8-nhwc / --l2-normalize yet")
+        if args.no_itae or args.skip_validation:
+            raise UsageError("--fast-path int8 needs the ITAE model and its validation; drop --no-itae/--skip-validation")
+        if args.fast_path_eval_images < 10:
+            raise UsageError(f"--fast-path-eval-images must be >= 10 (k-means with k=10), got {args.fast_path_eval_images}")
     check_output_path(onnx_out, force=args.force)
+    if fast:
+        check_output_path(fp32_path(onnx_out), force=args.force)
     if engine_path:
         check_output_path(engine_path, force=args.force)
 
@@ -240,6 +255,15 @@ def _export(args: argparse.Namespace) -> int:
             opt_reference = reference_batch(
                 args, lambda a, ref=reference: ref(torch.from_numpy(a)).numpy(), batch=args.validate_batch,
                 height=args.img_size, width=args.img_size, seed=args.seed)
+        fast_ref = None
+        if fast:
+            # the int8 accuracy report needs fp32 reference embeddings of the digits: compute them now,
+            # before the torch model is freed
+            from .fastpath import digits_eval_inputs, run_batched
+
+            digits = digits_eval_inputs(args.img_size, args.fast_path_eval_images, seed=0)
+            fast_ref = (ref_outputs, run_batched(lambda a, ref=reference: ref(torch.from_numpy(a)).numpy(),
+                                                 digits[0]))
         t0 = time.perf_counter()
         log(f"[2/4] exporting with the {args.exporter} exporter ...")
         export_onnx(model, tmp_onnx, img_size=args.img_size, exporter=args.exporter, opset=args.opset)
@@ -297,13 +321,28 @@ def _export(args: argparse.Namespace) -> int:
                 # the engine check must feed what the final graph takes (uint8 pixels, L2 output)
                 if opt_reference is not None:
                     ref_inputs, ref_outputs = opt_reference
-        files = onnx_files(tmp_onnx)
+        fast_report = None
+        if fast:
+            from .fastpath import accuracy_json, add_metadata, format_report, keep_fp32_copy, quantize_int8
+            from .fastpath import accuracy_report as fast_accuracy
+
+            t0 = time.perf_counter()
+            fp32_onnx = work / fp32_path(onnx_out).name
+            keep_fp32_copy(tmp_onnx, fp32_onnx)
+            quantize_int8(fp32_onnx, tmp_onnx)
+            fast_report = fast_accuracy(fast_ref, tmp_onnx, ref_inputs, digits, k=10, seed=0)
+            add_metadata(tmp_onnx, {"itae_export.fast_path_accuracy": accuracy_json(fast_report)})
+            log(f"      fast path int8 ({time.perf_counter() - t0:.1f} s): {format_report(fast_report)}")
+        files = onnx_files(tmp_onnx) + (onnx_files(work / fp32_path(onnx_out).name) if fast else [])
         for f in files:
             os.chmod(f, 0o644)
             os.replace(f, onnx_out.parent / f.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"wrote {onnx_out}" + (f" (+ {len(files) - 1} external data file)" if len(files) > 1 else "")
+    extra = len(files) - 1 - (1 if fast_report is not None else 0)
+    log(f"wrote {onnx_out}" + (" (int8 fast path)" if fast_report is not None else "")
+        + (f" (+ {extra} external data file(s))" if extra > 0 else "")
+        + (f" and the fp32 model {fp32_path(onnx_out)}" if fast_report is not None else "")
         + f" in {time.perf_counter() - t_start:.1f} s")
     run_meta = {
         "model": args.model,
@@ -315,6 +354,7 @@ def _export(args: argparse.Namespace) -> int:
         "pass": result.to_dict() if result is not None else None,
         "reference_inputs": ref_inputs,
         "reference_outputs": ref_outputs,
+        "fast_path": fast_report,
     }
     final_model = onnx_out
     if engine_path is not None:
