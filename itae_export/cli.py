@@ -259,7 +259,8 @@ def _export(args: argparse.Namespace) -> int:
         if fast:
             # the int8 accuracy report needs fp32 reference embeddings of the digits: compute them now,
             # before the torch model is freed
-            from .fastpath import digits_eval_inputs, run_batched
+            from .fastpath import digits_eval_inputs
+            from .runtime import run_batched
 
             digits = digits_eval_inputs(args.img_size, args.fast_path_eval_images, seed=0)
             fast_ref = (ref_outputs, run_batched(lambda a, ref=reference: ref(torch.from_numpy(a)).numpy(),

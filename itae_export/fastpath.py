@@ -210,10 +210,6 @@ def digits_eval_inputs(img_size: int, n: int = 200, seed: int = 0) -> tuple[np.n
     return x, ds.labels
 
 
-def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
-
-
 def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.ndarray, np.ndarray],
                     fast_onnx: str | Path, inputs: np.ndarray,
                     digits: tuple[np.ndarray, np.ndarray], *, k: int = EVAL_K, seed: int = 0) -> dict[str, Any]:
@@ -226,7 +222,7 @@ def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.nda
     one's ARI to the digit labels.
     """
     from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
-    from .runtime import OrtRunner
+    from .runtime import OrtRunner, run_batched
     from .validate import compare
 
     dx, labels = digits

@@ -3,6 +3,7 @@ PyTorch, ONNX Runtime and TensorRT."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -71,5 +72,7 @@ def make_runner(backend: str, target) -> Runner:
     raise UsageError(f"--backend {backend!r} is not valid; choose one of {', '.join(BACKENDS)}")
 
 
-def run_batched(runner: Runner, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)], axis=0)
+def run_batched(runner: Runner | Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Run a runner (or any array -> array function) over x in slices of `batch`."""
+    fn = runner.run if hasattr(runner, "run") else runner
+    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)], axis=0)
