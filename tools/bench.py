@@ -365,22 +365,15 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
     as cosine to the fp32 PyTorch ITAE reference on random inputs."""
     import onnx
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from itae_export.fastpath import final_block_nodes, quantize_int8
 
     itae = work / f"{emb.spec.name}.itae.onnx"
-    model = onnx.load(str(itae), load_external_data=False)
-    last = len(emb.vit.blocks) - 1
-    excluded = final_block_nodes(model, last)
+    excluded = final_block_nodes(onnx.load(str(itae), load_external_data=False))
     q_path = work / f"{emb.spec.name}.itae.int8.onnx"
-    log(f"[{emb.spec.name}] fast path: quantize_dynamic, {len(excluded)} nodes excluded")
+    log(f"[{emb.spec.name}] fast path: itae_export.fastpath.quantize_int8, {len(excluded)} nodes excluded")
     t = time.perf_counter()
-    quantize_dynamic(
-        str(itae),
-        str(q_path),
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=sorted(excluded),
-        use_external_data_format=any(work.glob(f"{base.name}.data")),
-    )
+    quantize_int8(itae, q_path, excluded)
     q_time = time.perf_counter() - t
     sess = ort_session(q_path, threads)
     in_name = sess.get_inputs()[0].name
@@ -410,23 +403,6 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
             }
         )
     return res
-
-
-def final_block_nodes(model, last: int) -> set[str]:
-    """Names of the inserted ITAE nodes ("itae/...") and of every node of the final block: the
-    nodes after the last consumer of a weight of block `last - 1` in graph (topological) order,
-    found by weight names (`blocks.<i>.`), which the exporters keep."""
-    nodes = list(model.graph.node)
-    inits = {t.name for t in model.graph.initializer}
-    marker = f"blocks.{last - 1}." if last > 0 else None
-    start = 0
-    if marker:
-        for i, n in enumerate(nodes):
-            if any(marker in name for name in n.input if name in inits):
-                start = i + 1
-    excluded = {n.name for n in nodes[start:]}
-    excluded |= {n.name for n in nodes if n.name.startswith("itae/")}
-    return excluded
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -498,7 +474,7 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         lines += [
             "",
-            f"fast path (experiment, not in the CLI): {mod['model']} ORT dynamic int8, ITAE + final block fp32",
+            f"fast path (itae-export --fast-path int8): {mod['model']} ORT dynamic int8, ITAE + final block fp32",
         ]
         for r in fp["rows"]:
             lines.append(
