@@ -504,7 +504,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--fast-path", action="store_true", help="also try ORT dynamic int8 (experiment)")
+    p.add_argument("--fast-path", action="store_true", help="also time the int8 fast path of itae-export --fast-path int8")
     p.add_argument("--smoke", action="store_true", help="tiny run: ViT-S depth 2, img 56, batch 1, 1 repeat")
     p.add_argument("--work-dir", default=None, help="keep the ONNX files here instead of a temp dir")
     # internal: the measured child processes
