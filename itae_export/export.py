@@ -5,6 +5,7 @@ TorchScript exporter's memory on ViT-L (../shared/EXPORT_NOTES.md)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -53,6 +54,24 @@ def _quiet():
             logging.getLogger("torch").setLevel(level)
 
 
+def _release_rewriter_matches() -> None:
+    """onnxscript's module-level rewrite rules keep the last graph and node they matched, and through
+    them every torch weight of the exported model; reset them so the weights can be freed before ONNX
+    Runtime loads its own copy (otherwise the validation peak holds ViT-L twice: 3.6 GB).
+    Best effort: a private onnxscript API, skipped when it is not there."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            # each is set afresh when a match starts (SimplePatternMatcher.match/_init_match)
+            for attr in ("_current_node", "_graph", "_tracer", "_match"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
+    gc.collect()
+
+
 def export_onnx(
     model: nn.Module,
     out_path: str | Path,
@@ -95,6 +114,8 @@ def export_onnx(
                         verbose=False,
                     )
                     prog.save(str(tmp), external_data=external_data)
+                    del prog
+                    _release_rewriter_matches()
                 else:
                     torch.onnx.export(
                         model,
