@@ -330,7 +330,8 @@ def _export(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             fp32_onnx = work / fp32_path(onnx_out).name
             keep_fp32_copy(tmp_onnx, fp32_onnx)
-            quantize_int8(fp32_onnx, tmp_onnx)
+            quantize_int8(fp32_onnx, tmp_onnx,
+                          per_channel=getattr(args, "int8_weights", "per-channel") == "per-channel")
             fast_report = fast_accuracy(fast_ref, tmp_onnx, ref_inputs, digits, k=10, seed=0)
             add_metadata(tmp_onnx, {"itae_export.fast_path_accuracy": accuracy_json(fast_report)})
             log(f"      fast path int8 ({time.perf_counter() - t0:.1f} s): {format_report(fast_report)}")

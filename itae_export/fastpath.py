@@ -124,7 +124,7 @@ def _quant_type(weight_type: str):
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] | None = None, *,
-                  weight_type: str = DEFAULT_WEIGHT_TYPE, per_channel: bool = False) -> Path:
+                  weight_type: str = DEFAULT_WEIGHT_TYPE, per_channel: bool = True) -> Path:
     """Dynamic int8 quantization (weights int8 offline, activations uint8 per call) of the MatMul/Gemm
     nodes of `onnx_in` except `exclude` (default: final_block_nodes). Written atomically: into a
     temporary folder beside `onnx_out`, then moved into place with its `.data` file (external data
@@ -135,6 +135,10 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] |
     1.3-1.4x faster than "quint8" (U8U8) on ViT-S/14 at 224 px (ratio of minima, B=1 and 8) at the
     same accuracy (cosine to the fp32 reference within 1e-6); on CPUs without VNNI, U8S8 may
     saturate and "quint8" is the safer choice.
+
+    per_channel (default): one weight scale per output column. On random-weight ViT-S/14 (224 px,
+    200 digits) it raised the centred cosine to the fp32 model from 0.956 to 0.969 (min 0.84 ->
+    0.89) at the same speed (ratio 0.99, batch 8), so it is the default.
     """
     from onnxruntime.quantization import quantize_dynamic
 
@@ -210,6 +214,75 @@ def digits_eval_inputs(img_size: int, n: int = 200, seed: int = 0) -> tuple[np.n
     return x, ds.labels
 
 
+# Targets of the fast path (issue 7): cosine to the fp32 reference and k-means assignment ARI.
+TARGET_COSINE = 0.99
+TARGET_ARI = 0.95
+
+
+def centered_cosine(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per-row cosine after subtracting the reference's mean embedding.
+
+    Plain cosine hides error when every embedding shares a large common component (random-weight
+    models: plain cosine 0.9999 between images of different digits); centring measures the error
+    against what actually differs between images, which is what k-means sees."""
+    mean = ref.mean(axis=0, keepdims=True)
+    a, b = ref - mean, other - mean
+    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return (a * b).sum(axis=1) / den
+
+
+def error_to_spread(ref: np.ndarray, other: np.ndarray) -> float:
+    """Median per-image error |other - ref| over the median distance between two reference images."""
+    err = np.linalg.norm(other - ref, axis=1)
+    sq = (ref * ref).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * ref @ ref.T, 0.0)
+    iu = np.triu_indices(len(ref), 1)
+    spread = float(np.median(np.sqrt(d2[iu]))) if iu[0].size else 0.0
+    return float(np.median(err) / spread) if spread > 0 else float("inf")
+
+
+def kmeans_agreement(ref: np.ndarray, other: np.ndarray, *, k: int, seed: int) -> dict[str, float]:
+    """ARI figures that separate int8 error from k-means' own instability.
+
+    assignment_ari: k-means (k, seed) on each set, independently: the issue's metric.
+    seed_ari: k-means on the reference with seed vs seed + 1: the same metric with no int8 at all.
+      When it is below the target, the embeddings have no stable cluster structure and
+      assignment_ari cannot tell int8 error from k-means picking another local optimum.
+    shared_init_ari: k-means on `other` started from the reference's final centroids: int8's effect
+      on one clustering, without the init lottery.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    a, b = np.asarray(ref, np.float64), np.asarray(other, np.float64)
+    km_ref = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(a)
+    km_other = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(b)
+    km_seed = KMeans(n_clusters=k, n_init=10, random_state=seed + 1).fit(a)
+    km_shared = KMeans(n_clusters=k, init=km_ref.cluster_centers_, n_init=1).fit(b)
+    return {
+        "assignment_ari": float(adjusted_rand_score(km_ref.labels_, km_other.labels_)),
+        "seed_ari": float(adjusted_rand_score(km_ref.labels_, km_seed.labels_)),
+        "shared_init_ari": float(adjusted_rand_score(km_ref.labels_, km_shared.labels_)),
+        "labels_reference": km_ref.labels_.astype(np.int64),
+        "labels_fast": km_other.labels_.astype(np.int64),
+    }
+
+
+def verdict(digits: dict[str, Any]) -> dict[str, Any]:
+    """Targets met, missed, or not measurable on these embeddings (see kmeans_agreement)."""
+    cos_ok = digits["cos_min"] >= TARGET_COSINE
+    if digits["seed_ari"] < TARGET_ARI:
+        ari = "not measurable"
+        why = (f"fp32 k-means is itself unstable on these embeddings (ARI {digits['seed_ari']:.3f} between "
+               f"seeds {digits['seed']} and {digits['seed'] + 1}, below the {TARGET_ARI} target); "
+               "rerun with pretrained --weights")
+    else:
+        ari = "met" if digits["assignment_ari"] >= TARGET_ARI else "missed"
+        why = ""
+    return {"cosine": "met" if cos_ok else "missed", "ari": ari, "why": why,
+            "target_cosine": TARGET_COSINE, "target_ari": TARGET_ARI}
+
+
 def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.ndarray, np.ndarray],
                     fast_onnx: str | Path, inputs: np.ndarray,
                     digits: tuple[np.ndarray, np.ndarray], *, k: int = EVAL_K, seed: int = 0) -> dict[str, Any]:
@@ -217,11 +290,11 @@ def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.nda
 
     reference: a function x -> embeddings (the PyTorch ITAE reference) or its precomputed outputs
     (on `inputs`, on the digits images). inputs: the validation images. digits: (images, labels).
-    Returns cosine statistics (itae_export.validate.compare) on both sets and the ARI between the
-    k-means (k, seed) assignments of the fast and the reference embeddings of the digits, plus each
-    one's ARI to the digit labels.
+    Returns cosine statistics (itae_export.validate.compare) on both sets; on the digits also the
+    centred cosine, the error relative to the spread between images, the k-means ARI figures of
+    kmeans_agreement, each one's ARI to the digit labels, and a verdict against the targets.
     """
-    from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
+    from .cluster import clustering_metrics
     from .runtime import OrtRunner, run_batched
     from .validate import compare
 
@@ -232,32 +305,43 @@ def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.nda
         ref_val, ref_digits = reference
     runner = OrtRunner(fast_onnx)
     fast_val, fast_digits = run_batched(runner.run, inputs), run_batched(runner.run, dx)
-    settings = KMeansSettings(n_clusters=k, seed=seed)
-    a_ref, _ = kmeans(ref_digits, settings)
-    a_fast, _ = kmeans(fast_digits, settings)
-    agree = backend_agreement(ref_digits, fast_digits, a_ref, a_fast)
+    parity = compare(ref_digits, fast_digits)
+    agree = kmeans_agreement(ref_digits, fast_digits, k=k, seed=seed)
+    cc = centered_cosine(np.asarray(ref_digits, np.float64), np.asarray(fast_digits, np.float64))
+    d = {
+        "images": int(len(dx)),
+        "k": int(k),
+        "seed": int(seed),
+        "cos_min": parity.cos_min,
+        "cos_mean": parity.cos_mean,
+        "centered_cos_min": float(cc.min()),
+        "centered_cos_mean": float(cc.mean()),
+        "error_to_spread": error_to_spread(np.asarray(ref_digits, np.float64), np.asarray(fast_digits, np.float64)),
+        "assignment_ari": agree["assignment_ari"],
+        "seed_ari": agree["seed_ari"],
+        "shared_init_ari": agree["shared_init_ari"],
+        "label_ari_reference": clustering_metrics(labels, agree["labels_reference"])["ari"],
+        "label_ari_fast": clustering_metrics(labels, agree["labels_fast"])["ari"],
+    }
     return {
         "fast_path": FAST_PATH_VALUE,
         "validation": compare(ref_val, fast_val).to_dict(),
-        "digits": {
-            "images": int(len(dx)),
-            "k": int(k),
-            "seed": int(seed),
-            "cos_min": agree["cos_min"],
-            "cos_mean": agree["cos_mean"],
-            "assignment_ari": agree["assignment_ari"],
-            "label_ari_reference": clustering_metrics(labels, a_ref)["ari"],
-            "label_ari_fast": clustering_metrics(labels, a_fast)["ari"],
-        },
+        "digits": d,
+        "verdict": verdict(d),
     }
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    v, d = rep["validation"], rep["digits"]
-    return (f"int8 vs fp32 PyTorch ITAE reference: cosine min {v['cos_min']:.6f} / mean {v['cos_mean']:.6f} on "
+    v, d, ok = rep["validation"], rep["digits"], rep["verdict"]
+    text = (f"int8 vs fp32 PyTorch ITAE reference: cosine min {v['cos_min']:.6f} / mean {v['cos_mean']:.6f} on "
             f"{v['rows']} validation images; digits ({d['images']} images): cosine min {d['cos_min']:.6f} / mean "
-            f"{d['cos_mean']:.6f}, k-means (k={d['k']}) assignment ARI int8 vs fp32 {d['assignment_ari']:.4f} "
-            f"(label ARI fp32 {d['label_ari_reference']:.4f}, int8 {d['label_ari_fast']:.4f})")
+            f"{d['cos_mean']:.6f}, centred cosine min {d['centered_cos_min']:.4f} / mean "
+            f"{d['centered_cos_mean']:.4f}, error/spread {d['error_to_spread']:.3f}; k-means (k={d['k']}) ARI "
+            f"int8 vs fp32 {d['assignment_ari']:.4f} (fp32 vs fp32 other seed {d['seed_ari']:.4f}, int8 from "
+            f"the fp32 centroids {d['shared_init_ari']:.4f}; label ARI fp32 {d['label_ari_reference']:.4f}, "
+            f"int8 {d['label_ari_fast']:.4f}). Targets: cosine >= {ok['target_cosine']} {ok['cosine']}, "
+            f"ARI >= {ok['target_ari']} {ok['ari']}")
+    return text + (f": {ok['why']}" if ok["why"] else "")
 
 
 # ------------------------------------------------------------------------------------- CLI hook
@@ -268,6 +352,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--fast-path int8: ONNX Runtime dynamic int8 quantization of the MatMuls outside the final block "
         "(ITAE and the final block stay fp32). --out gets the int8 model, <stem>.fp32.onnx the fp32 one.")
     g.add_argument("--fast-path", choices=FAST_PATHS, default="none", help="CPU fast path (default none)")
+    g.add_argument("--int8-weights", choices=("per-channel", "per-tensor"), default="per-channel",
+                   help="int8 weight scales: one per output column (default) or one per matrix")
     g.add_argument("--fast-path-eval-images", type=int, default=200, metavar="N",
                    help="sklearn digits images for the int8 accuracy report (default 200)")
 

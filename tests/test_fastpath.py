@@ -99,6 +99,12 @@ def test_quantize_int8_keeps_final_block_and_metadata(patched, tiny_models, imag
     assert rep["validation"]["cos_min"] >= 0.99
     assert rep["digits"]["images"] == 20 and -1.0 <= rep["digits"]["assignment_ari"] <= 1.0
     assert rep["digits"]["cos_min"] >= 0.99
+    d = rep["digits"]
+    for key in ("assignment_ari", "seed_ari", "shared_init_ari"):
+        assert -1.0 <= d[key] <= 1.0, key
+    assert -1.0 <= d["centered_cos_min"] <= d["centered_cos_mean"] <= 1.0 and d["error_to_spread"] >= 0.0
+    assert rep["verdict"]["cosine"] == "met"
+    assert rep["verdict"]["ari"] in ("met", "missed", "not measurable")
 
 
 def test_quantize_int8_external_data(patched, tmp_path):
@@ -115,6 +121,12 @@ def test_quantize_int8_external_data(patched, tmp_path):
     assert meta[META_FAST_PATH] == "int8-dynamic"
     x = np.random.default_rng(3).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
     np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(plain).run(x), rtol=1e-5, atol=1e-5)
+    tensor = quantize_int8(patched, tmp_path / "tensor.onnx", per_channel=False)
+    meta_t = {p.key: p.value for p in onnx.load(str(tensor), load_external_data=False).metadata_props}
+    assert meta_t["itae_export.fast_path_weights"] == "qint8" and meta["itae_export.fast_path_weights"] == \
+        "qint8-per-channel"
+    # different weight scales, different rounding: the two int8 models are not the same model
+    assert not np.allclose(OrtRunner(tensor).run(x), OrtRunner(plain).run(x), rtol=0, atol=1e-7)
 
 
 def test_cli_fast_path_end_to_end_and_refusal(tmp_path, capsys):
@@ -128,7 +140,7 @@ def test_cli_fast_path_end_to_end_and_refusal(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert export_main([*tiny, "--out", str(out), "--fast-path", "int8", "--fast-path-eval-images", "64"]) == 0
     text = capsys.readouterr().out
-    assert "int8 vs fp32 PyTorch ITAE reference" in text and "ARI" in text
+    assert "int8 vs fp32 PyTorch ITAE reference" in text and "ARI" in text and "Targets:" in text
     fp32 = tmp_path / "m.fp32.onnx"
     assert out.is_file() and fp32.is_file()
     q, f = onnx.load(str(out)), onnx.load(str(fp32))
@@ -137,4 +149,45 @@ def test_cli_fast_path_end_to_end_and_refusal(tmp_path, capsys):
     acc = json.loads(meta[META_ACCURACY])
     assert acc["digits"]["images"] == 64 and acc["validation"]["cos_min"] >= 0.99
     assert META_FAST_PATH not in {p.key for p in f.metadata_props}
+    assert meta["itae_export.fast_path_weights"] == "qint8-per-channel"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp32.onnx", "m.onnx"]
+
+
+def test_centered_cosine_and_spread_see_what_plain_cosine_hides():
+    from itae_export.fastpath import centered_cosine, error_to_spread
+    from itae_export.validate import compare
+
+    rng = np.random.default_rng(0)
+    common = 100.0 * rng.standard_normal(32)
+    ref = common + rng.standard_normal((50, 32))  # images differ by a small part
+    noisy = ref + 0.5 * rng.standard_normal(ref.shape)
+    assert compare(ref, noisy).cos_min > 0.9999  # plain cosine: all fine
+    cc = centered_cosine(ref, noisy)
+    assert cc.mean() < 0.95  # centred: the error is a large part of what differs between images
+    assert np.allclose(centered_cosine(ref, ref), 1.0)
+    r = error_to_spread(ref, noisy)
+    assert 0.2 < r < 0.6  # |noise| ~ 0.5*sqrt(32), spread ~ sqrt(2*32)
+    assert error_to_spread(ref, ref) == 0.0
+
+
+def test_kmeans_agreement_separates_instability_from_error():
+    from itae_export.fastpath import kmeans_agreement, verdict
+
+    rng = np.random.default_rng(1)
+    centers = 20.0 * rng.standard_normal((4, 8))
+    clustered = np.concatenate([c + rng.standard_normal((30, 8)) for c in centers])
+    a = kmeans_agreement(clustered, clustered + 0.01 * rng.standard_normal(clustered.shape), k=4, seed=0)
+    assert a["assignment_ari"] == a["seed_ari"] == a["shared_init_ari"] == 1.0
+    base = {"cos_min": 0.999, "seed": 0}
+    assert verdict({**base, **a})["ari"] == "met"
+    # far-off embeddings: every figure drops, and the verdict says so
+    b = kmeans_agreement(clustered, rng.standard_normal(clustered.shape), k=4, seed=0)
+    assert b["assignment_ari"] < 0.5 and b["shared_init_ari"] < 0.5 and b["seed_ari"] == 1.0
+    assert verdict({**base, **b})["ari"] == "missed"
+    # no cluster structure: k-means disagrees with itself, the ARI target cannot be judged
+    blob = rng.standard_normal((120, 8))
+    c = kmeans_agreement(blob, blob, k=10, seed=0)
+    assert c["seed_ari"] < 0.95
+    v = verdict({**base, **c})
+    assert v["ari"] == "not measurable" and "pretrained --weights" in v["why"]
+    assert verdict({**base, **a, "cos_min": 0.5})["cosine"] == "missed"
