@@ -402,3 +402,25 @@ def test_onnxslim_patch(variant, exporter, opts, exported, tiny_models, images, 
     par = compare(want, got)
     assert par.max_abs <= 1e-4 and par.cos_min >= 0.99999, par
     assert compare(base, want).max_abs > 1e-3
+
+
+# --- opsets between the default (18) and the fused Attention op (23) ------------------------------
+@pytest.mark.parametrize("opset", [19, 20, 21, 22])
+def test_intermediate_opsets_patch_matches_reference(opset, tiny_models, images, tmp_path):
+    from itae_export.export import export_onnx
+
+    model = tiny_models["plain"]
+    path = export_onnx(model, tmp_path / f"o{opset}.onnx", img_size=IMG, opset=opset)
+    g = onnx.load(str(path))
+    assert max(o.version for o in g.opset_import if o.domain in ("", "ai.onnx")) == opset
+    cfg = _cfg(model, images, norm_source="k", attenuation="mask")
+    flagged = last_block_stats(model, images, cfg)["flagged"]
+    assert 0 < flagged.sum() < flagged[..., 1:].size
+    patched, res = apply_itae(g, cfg)
+    assert res.matched["attention_blocks"] == 2 and not res.matched.get("decomposed_attention")
+    onnx.checker.check_model(patched)
+    got = _run(patched, tmp_path / "p.onnx", images.numpy())
+    with torch.no_grad():
+        want = ITAEReference(model, cfg)(images).numpy()
+    par = compare(want, got)
+    assert par.max_abs <= 1e-4 and par.cos_min >= 0.99999, (opset, par)
