@@ -404,6 +404,30 @@ def test_onnxslim_patch(variant, exporter, opts, exported, tiny_models, images, 
     assert compare(base, want).max_abs > 1e-3
 
 
+@pytest.mark.parametrize(
+    ("variant", "exporter", "opts"),
+    [("plain", "dynamo", {}), ("reg", "torchscript", {"norm_source": "k", "attenuation": "mask"})],
+)
+def test_onnxsim_patch(variant, exporter, opts, exported, tiny_models, images, tmp_path):
+    """onnx-simplifier (onnxsim) constant-folds the shape chains; the export carries no prefix
+    metadata, so the prefix count comes from the simplified token Concat."""
+    onnxsim = pytest.importorskip("onnxsim")
+    model = tiny_models[variant]
+    src = onnx.load(str(exported(variant, exporter)))
+    simple, ok = onnxsim.simplify(src)
+    assert ok and len(simple.graph.node) < len(src.graph.node)
+    cfg = _cfg(model, images, **opts)
+    patched, res = apply_itae(simple, cfg)
+    assert res.num_prefix_tokens == model.num_prefix_tokens
+    got = _run(patched, tmp_path / "sim-itae.onnx", images.numpy())
+    with torch.no_grad():
+        want = ITAEReference(model, cfg)(images).numpy()
+    flagged = last_block_stats(model, images, cfg)["flagged"]
+    assert 0 < flagged.sum() < flagged[..., model.num_prefix_tokens:].size
+    par = compare(want, got)
+    assert par.max_abs <= 1e-4 and par.cos_min >= 0.99999, par
+
+
 # --- opsets between the default (18) and the fused Attention op (23) ------------------------------
 @pytest.mark.parametrize("opset", [19, 20, 21, 22])
 def test_intermediate_opsets_patch_matches_reference(opset, tiny_models, images, tmp_path):
