@@ -360,8 +360,9 @@ def _plan(ix: GraphIndex, shapes: _Shapes, sm: onnx.NodeProto, n_sm: int) -> _Pl
         m = _match_at(ix, sm, n_sm)
     except MatchError as e:
         raise FuseReject(str(e)) from e
-    if ix.attr(sm, "axis", -1) not in (-1, 3):
-        raise FuseReject("Softmax is not over the key axis")
+    if ix.attr(sm, "axis", -1 if ix.opset >= 13 else 1) not in (-1, 3):
+        # before opset 13 the default axis is 1 and Softmax normalises the flattened trailing axes
+        raise FuseReject("Softmax is not over the key axis (-1) alone")
     src, s_logits = _walk_scales(ix, shapes, sm.input[0], stop=m.qk_matmul.output[0])
     if src != m.qk_matmul.output[0]:
         op = ix.producer[src].op_type if src in ix.producer else "a graph input"

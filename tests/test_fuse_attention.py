@@ -203,3 +203,16 @@ def test_handbuilt_refusals(knob, reason):
     assert res.num_fused == 0 and not _mha(out)
     assert len(res.rejected) == 1 and reason in res.rejected[0][1], res.rejected
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in m.graph.node]
+
+
+def test_classifier_softmax_is_not_the_final_block(exported):
+    """A Softmax after the blocks (a classifier head) must not be taken for the final attention."""
+    m = onnx.load(str(exported("plain", "torchscript")))
+    attn = _softmaxes(m)
+    emb = m.graph.output[0].name
+    m.graph.node.append(helper.make_node("Softmax", [emb], ["probs_head"], name="head/Softmax", axis=-1))
+    m.graph.output.append(helper.make_tensor_value_info("probs_head", TensorProto.FLOAT, None))
+    fused, res = fuse_attention(m)
+    assert res.num_fused == 1 and res.kept_final == attn[-1]
+    assert any(name == "head/Softmax" and "not an attention block" in why for name, why in res.rejected)
+    assert _softmaxes(fused) == [attn[-1], "head/Softmax"]
