@@ -207,17 +207,19 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError("--no-itae exports the baseline; drop the ITAE options or --no-itae")
     if args.validate_batch < 1:
         raise UsageError(f"--validate-batch must be >= 1, got {args.validate_batch}")
-    fast = getattr(args, "fast_path", "none") == "int8"
+    fast_kind = getattr(args, "fast_path", "none")
+    fast = fast_kind != "none"
     if fast:
         from .fastpath import fp32_path
 
+        flag = f"--fast-path {fast_kind}"
         if engine_path:
-            raise UsageError("--fast-path int8 is an ONNX Runtime CPU path; for --out *.engine use TensorRT's "
+            raise UsageError(f"{flag} is an ONNX Runtime CPU path; for --out *.engine use TensorRT's "
                              "precision flags instead, or write a .onnx")
         if _graph_options_requested(args):
-            raise UsageError("--fast-path int8 cannot be combined with --input-format uint8-nhwc / --l2-normalize yet")
+            raise UsageError(f"{flag} cannot be combined with --input-format uint8-nhwc / --l2-normalize yet")
         if args.no_itae or args.skip_validation:
-            raise UsageError("--fast-path int8 needs the ITAE model and its validation; drop --no-itae/--skip-validation")
+            raise UsageError(f"{flag} needs the ITAE model and its validation; drop --no-itae/--skip-validation")
         if args.fast_path_eval_images < 10:
             raise UsageError(f"--fast-path-eval-images must be >= 10 (k-means with k=10), got {args.fast_path_eval_images}")
     check_output_path(onnx_out, force=args.force)
@@ -324,17 +326,35 @@ def _export(args: argparse.Namespace) -> int:
                     ref_inputs, ref_outputs = opt_reference
         fast_report = None
         if fast:
-            from .fastpath import accuracy_json, add_metadata, format_report, keep_fp32_copy, quantize_int8
+            from .fastpath import (
+                FAST_PATH_VALUES,
+                FUSED_MIN_COSINE,
+                accuracy_json,
+                add_metadata,
+                format_report,
+                fuse_model,
+                keep_fp32_copy,
+                quantize_int8,
+            )
             from .fastpath import accuracy_report as fast_accuracy
 
             t0 = time.perf_counter()
             fp32_onnx = work / fp32_path(onnx_out).name
             keep_fp32_copy(tmp_onnx, fp32_onnx)
-            quantize_int8(fp32_onnx, tmp_onnx,
-                          per_channel=getattr(args, "int8_weights", "per-channel") == "per-channel")
-            fast_report = fast_accuracy(fast_ref, tmp_onnx, ref_inputs, digits, k=10, seed=0)
+            if fast_kind == "int8":
+                quantize_int8(fp32_onnx, tmp_onnx,
+                              per_channel=getattr(args, "int8_weights", "per-channel") == "per-channel")
+            else:
+                fused = fuse_model(fp32_onnx, tmp_onnx)
+                log(f"      fused the attention of {len(fused['fused'])} blocks into MultiHeadAttention "
+                    f"(the final block's Softmax {fused['kept_final']} left as it is)")
+            fast_report = fast_accuracy(fast_ref, tmp_onnx, ref_inputs, digits, k=10, seed=0,
+                                        fast_path=FAST_PATH_VALUES[fast_kind])
+            if fast_kind == "fused" and fast_report["validation"]["cos_min"] < FUSED_MIN_COSINE:
+                raise ParityError(f"the fused model is not exact (cosine min {fast_report['validation']['cos_min']:.7f}"
+                                  f" < {FUSED_MIN_COSINE}); nothing was written. Drop --fast-path or report a bug")
             add_metadata(tmp_onnx, {"itae_export.fast_path_accuracy": accuracy_json(fast_report)})
-            log(f"      fast path int8 ({time.perf_counter() - t0:.1f} s): {format_report(fast_report)}")
+            log(f"      fast path {fast_kind} ({time.perf_counter() - t0:.1f} s): {format_report(fast_report)}")
         files = onnx_files(tmp_onnx) + (onnx_files(work / fp32_path(onnx_out).name) if fast else [])
         for f in files:
             os.chmod(f, 0o644)
@@ -342,7 +362,7 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     extra = len(files) - 1 - (1 if fast_report is not None else 0)
-    log(f"wrote {onnx_out}" + (" (int8 fast path)" if fast_report is not None else "")
+    log(f"wrote {onnx_out}" + (f" ({fast_kind} fast path)" if fast_report is not None else "")
         + (f" (+ {extra} external data file(s))" if extra > 0 else "")
         + (f" and the fp32 model {fp32_path(onnx_out)}" if fast_report is not None else "")
         + f" in {time.perf_counter() - t_start:.1f} s")

@@ -191,3 +191,59 @@ def test_kmeans_agreement_separates_instability_from_error():
     v = verdict({**base, **c})
     assert v["ari"] == "not measurable" and "pretrained --weights" in v["why"]
     assert verdict({**base, **a, "cos_min": 0.5})["cosine"] == "missed"
+
+
+def test_fuse_model_external_data_and_refusals(patched, tmp_path):
+    from graph_passes.match import PassError
+    from itae_export.fastpath import FUSED_VALUE, fuse_model
+
+    src = tmp_path / "m.onnx"
+    onnx.save_model(onnx.load(str(patched)), str(src), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    before = (src.parent / "m.onnx.data").read_bytes()
+    out = tmp_path / "fused.onnx"
+    res = fuse_model(src, out)
+    assert res["num_fused"] == 1 and res["kept_final"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.onnx", "fused.onnx.data", "m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_bytes() == before  # input untouched
+    g = onnx.load(str(out), load_external_data=False)
+    assert {kv.value for t in g.graph.initializer for kv in t.external_data if kv.key == "location"} == \
+        {"fused.onnx.data"}
+    ops = [n.op_type for n in g.graph.node]
+    assert ops.count("MultiHeadAttention") == 1 and ops.count("Softmax") == 1  # the final block's stays
+    assert any(n.name.startswith("itae/") for n in g.graph.node)
+    meta = {p.key: p.value for p in g.metadata_props}
+    assert meta[META_FAST_PATH] == FUSED_VALUE and json.loads(meta["itae_export.fused_attention"])["num_fused"] == 1
+    x = np.random.default_rng(5).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
+    np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(patched).run(x), rtol=1e-5, atol=1e-5)
+    # deleting the fp32 input does not break the fused model (own data file)
+    (tmp_path / "m.onnx.data").unlink()
+    assert np.isfinite(OrtRunner(out).run(x)).all()
+
+    with pytest.raises(ValueError, match="beside its input"):
+        fuse_model(out, tmp_path / "other" / "x.onnx")
+    with pytest.raises(PassError, match="no block .* could be fused"):
+        fuse_model(out, tmp_path / "again.onnx")  # already fused
+    assert not (tmp_path / "again.onnx").exists()
+
+
+def test_cli_fused_fast_path(tmp_path, capsys):
+    from itae_export.cli import export_main
+    from itae_export.fastpath import FUSED_VALUE
+
+    out = tmp_path / "m.onnx"
+    argv = ["dinov2_vits14", "--random-weights", "--depth", "3", "--img-size", str(IMG), "--out", str(out),
+            "--fast-path", "fused", "--fast-path-eval-images", "30"]
+    assert export_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "fused the attention of 2 blocks" in text and "fused vs fp32 PyTorch ITAE reference" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp32.onnx", "m.onnx"]
+    q = onnx.load(str(out))
+    meta = {p.key: p.value for p in q.metadata_props}
+    acc = json.loads(meta[META_ACCURACY])
+    assert meta[META_FAST_PATH] == FUSED_VALUE and acc["fast_path"] == FUSED_VALUE
+    assert acc["validation"]["cos_min"] >= 0.99999 and acc["digits"]["cos_min"] >= 0.99999
+    assert [n.op_type for n in q.graph.node].count("MultiHeadAttention") == 2
+    x = np.random.default_rng(6).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
+    np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(tmp_path / "m.fp32.onnx").run(x),
+                               rtol=1e-5, atol=1e-5)
