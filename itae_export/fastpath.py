@@ -341,16 +341,19 @@ def kmeans_agreement(ref: np.ndarray, other: np.ndarray, *, k: int, seed: int) -
 
 
 def verdict(digits: dict[str, Any]) -> dict[str, Any]:
-    """Targets met, missed, or not measurable on these embeddings (see kmeans_agreement)."""
+    """Targets met, missed, or not measurable on these embeddings (see kmeans_agreement): an ARI
+    below the target only counts as missed when fp32 k-means agrees with itself across seeds."""
     cos_ok = digits["cos_min"] >= TARGET_COSINE
-    if digits["seed_ari"] < TARGET_ARI:
+    why = ""
+    if digits["assignment_ari"] >= TARGET_ARI:
+        ari = "met"
+    elif digits["seed_ari"] < TARGET_ARI:
         ari = "not measurable"
         why = (f"fp32 k-means is itself unstable on these embeddings (ARI {digits['seed_ari']:.3f} between "
                f"seeds {digits['seed']} and {digits['seed'] + 1}, below the {TARGET_ARI} target); "
                "rerun with pretrained --weights")
     else:
-        ari = "met" if digits["assignment_ari"] >= TARGET_ARI else "missed"
-        why = ""
+        ari = "missed"
     return {"cosine": "met" if cos_ok else "missed", "ari": ari, "why": why,
             "target_cosine": TARGET_COSINE, "target_ari": TARGET_ARI}
 

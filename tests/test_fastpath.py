@@ -186,10 +186,12 @@ def test_kmeans_agreement_separates_instability_from_error():
     assert verdict({**base, **b})["ari"] == "missed"
     # no cluster structure: k-means disagrees with itself, the ARI target cannot be judged
     blob = rng.standard_normal((120, 8))
-    c = kmeans_agreement(blob, blob, k=10, seed=0)
-    assert c["seed_ari"] < 0.95
+    c = kmeans_agreement(blob, blob + 0.3 * rng.standard_normal(blob.shape), k=10, seed=0)
+    assert c["seed_ari"] < 0.95 and c["assignment_ari"] < 0.95
     v = verdict({**base, **c})
     assert v["ari"] == "not measurable" and "pretrained --weights" in v["why"]
+    same = kmeans_agreement(blob, blob, k=10, seed=0)  # identical assignments meet the target anyway
+    assert same["assignment_ari"] == 1.0 and verdict({**base, **same})["ari"] == "met"
     assert verdict({**base, **a, "cos_min": 0.5})["cosine"] == "missed"
 
 
