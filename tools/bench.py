@@ -360,25 +360,33 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
 
 
 def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """Experiment only: ORT dynamic int8 quantization of the ITAE model, ITAE nodes and the final
-    block kept in fp32 (the outlier statistics live there). Latency vs PyTorch fp32 eager, accuracy
-    as cosine to the fp32 PyTorch ITAE reference on random inputs."""
+    """The two `itae-export --fast-path` models, timed interleaved with PyTorch fp32 eager:
+    int8 (ORT dynamic int8, ITAE nodes and the final block kept fp32) and fused (exact fp32, the
+    earlier blocks' attention as com.microsoft.MultiHeadAttention). Accuracy as cosine to the fp32
+    PyTorch ITAE reference on random inputs."""
     import onnx
     import torch
 
-    from itae_export.fastpath import final_block_nodes, quantize_int8
+    from itae_export.fastpath import final_block_nodes, fuse_model, quantize_int8
 
     itae = work / f"{emb.spec.name}.itae.onnx"
     excluded = final_block_nodes(onnx.load(str(itae), load_external_data=False))
     q_path = work / f"{emb.spec.name}.itae.int8.onnx"
+    f_path = work / f"{emb.spec.name}.itae.fused.onnx"
     log(f"[{emb.spec.name}] fast path: itae_export.fastpath.quantize_int8, {len(excluded)} nodes excluded")
     t = time.perf_counter()
     quantize_int8(itae, q_path, excluded)
     q_time = time.perf_counter() - t
+    log(f"[{emb.spec.name}] fast path: itae_export.fastpath.fuse_model")
+    t = time.perf_counter()
+    fused = fuse_model(itae, f_path)
+    f_time = time.perf_counter() - t
     sess = ort_session(q_path, threads)
+    sess_f = ort_session(f_path, threads)
     in_name = sess.get_inputs()[0].name
     rng = np.random.default_rng(1)
-    res: dict[str, Any] = {"quantize_s": q_time, "excluded_nodes": len(excluded), "rows": []}
+    res: dict[str, Any] = {"quantize_s": q_time, "excluded_nodes": len(excluded), "fuse_s": f_time,
+                           "fused_blocks": fused["num_fused"], "rows": []}
     for bs in args.batch_list:
         x = rng.standard_normal((bs, 3, args.img_size, args.img_size), dtype=np.float32)
         xt = torch.from_numpy(x)
@@ -388,18 +396,22 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
                 return emb(xt)
 
         t = time_interleaved(
-            {"q": lambda x=x: sess.run(None, {in_name: x}), "e": eager}, args.warmup, args.repeats
+            {"q": lambda x=x: sess.run(None, {in_name: x}), "f": lambda x=x: sess_f.run(None, {in_name: x}),
+             "e": eager}, args.warmup, args.repeats
         )
-        t_q, t_e = t["q"], t["e"]
+        t_q, t_f, t_e = t["q"], t["f"], t["e"]
         with torch.inference_mode():
             y_ref = ref(xt).numpy()
         res["rows"].append(
             {
                 "batch": bs,
                 "ort_int8_itae": t_q,
+                "ort_fused_itae": t_f,
                 "torch_fp32": t_e,
                 "ratio_int8/torch_fp32": t_q["median_ms"] / t_e["median_ms"],
+                "ratio_fused/torch_fp32": t_f["median_ms"] / t_e["median_ms"],
                 "cos_min_vs_torch_itae_fp32": cosine(sess.run(None, {in_name: x})[0], y_ref),
+                "fused_cos_min_vs_torch_itae_fp32": cosine(sess_f.run(None, {in_name: x})[0], y_ref),
             }
         )
     return res
@@ -474,13 +486,15 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         lines += [
             "",
-            f"fast path (itae-export --fast-path int8): {mod['model']} ORT dynamic int8, ITAE + final block fp32",
+            f"fast paths (itae-export --fast-path int8 / fused): {mod['model']}; int8: ORT dynamic int8, ITAE + "
+            f"final block fp32; fused: exact fp32, {fp.get('fused_blocks', '?')} blocks' attention fused",
         ]
         for r in fp["rows"]:
             lines.append(
-                f"  B={r['batch']}: int8 {r['ort_int8_itae']['median_ms']:.1f} ms vs torch fp32 "
-                f"{r['torch_fp32']['median_ms']:.1f} ms (ratio {r['ratio_int8/torch_fp32']:.3f}); "
-                f"cos min to fp32 ITAE reference {r['cos_min_vs_torch_itae_fp32']:.5f}"
+                f"  B={r['batch']}: int8 {r['ort_int8_itae']['median_ms']:.1f} ms, fused "
+                f"{r['ort_fused_itae']['median_ms']:.1f} ms vs torch fp32 {r['torch_fp32']['median_ms']:.1f} ms "
+                f"(ratios {r['ratio_int8/torch_fp32']:.3f} / {r['ratio_fused/torch_fp32']:.3f}); cos min to fp32 "
+                f"ITAE reference {r['cos_min_vs_torch_itae_fp32']:.5f} / {r['fused_cos_min_vs_torch_itae_fp32']:.7f}"
             )
     lines.append(
         f"load avg at end {report['loadavg_at_end']} (other processes on the machine make timings noisy)"
@@ -504,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--fast-path", action="store_true", help="also time the int8 fast path of itae-export --fast-path int8")
+    p.add_argument("--fast-path", action="store_true", help="also time the fast paths of itae-export --fast-path int8 / fused")
     p.add_argument("--smoke", action="store_true", help="tiny run: ViT-S depth 2, img 56, batch 1, 1 repeat")
     p.add_argument("--work-dir", default=None, help="keep the ONNX files here instead of a temp dir")
     # internal: the measured child processes

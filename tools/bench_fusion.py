@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     report["parity"] = {f"{a}~{b}": {"cos_min": _cos(outs[a], outs[b]), "max_abs": float(np.abs(outs[a] - outs[b]).max())}
                         for a, b in pairs}
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        from itae_export.fileio import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     for p in work.iterdir():
         p.unlink()
     work.rmdir()
