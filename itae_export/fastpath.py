@@ -16,7 +16,9 @@ Used by `itae-export --fast-path {int8,fused}` (flags added through add_cli_args
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -130,6 +132,24 @@ def _quant_type(weight_type: str):
     return types[weight_type]
 
 
+class _PreprocessHintFilter(logging.Filter):
+    # quantize_dynamic logs "Please consider to run pre-processing before quantization" on the root
+    # logger; the symbolic shape inference it suggests changes nothing for MatMul-only dynamic int8
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_preprocess_hint():
+    f = _PreprocessHintFilter()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] | None = None, *,
                   weight_type: str = DEFAULT_WEIGHT_TYPE, per_channel: bool = True) -> Path:
     """Dynamic int8 quantization (weights int8 offline, activations uint8 per call) of the MatMul/Gemm
@@ -160,14 +180,15 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] |
     work = Path(tempfile.mkdtemp(prefix=".itae-int8-", dir=out.parent))
     try:
         tmp = work / out.name
-        quantize_dynamic(
-            str(src), str(tmp),
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            weight_type=_quant_type(weight_type),
-            per_channel=per_channel,
-            nodes_to_exclude=sorted(exclude),
-            use_external_data_format=external,
-        )
+        with _quiet_preprocess_hint():
+            quantize_dynamic(
+                str(src), str(tmp),
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                weight_type=_quant_type(weight_type),
+                per_channel=per_channel,
+                nodes_to_exclude=sorted(exclude),
+                use_external_data_format=external,
+            )
         q = onnx.load(str(tmp), load_external_data=False)
         meta = {p.key: p.value for p in q.metadata_props}
         meta.update({p.key: p.value for p in graph.metadata_props})  # quantize_dynamic may drop them
