@@ -939,10 +939,19 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         parser,
         "--instance-kind",
         choices=INSTANCE_KINDS,
-        default="KIND_GPU",
-        help="Triton instance_group kind (KIND_CPU for a CPU-only server; ONNX only)",
+        default=None,
+        help="Triton instance_group kind (default KIND_GPU; KIND_CPU for a --fast-path model, which is "
+        "tuned for ONNX Runtime on CPU; KIND_CPU is for ONNX only)",
     )
     _add(g, parser, "--instances", metavar="N", type=int, default=1, help="Triton instance_group count")  # fmt: skip
+
+
+def default_instance_kind(meta: dict[str, Any] | None) -> str:
+    """KIND_CPU for an `itae-export --fast-path` model (int8 / fused: ONNX Runtime CPU paths), else
+    KIND_GPU. meta: itae-export's run metadata or _meta_from_model's."""
+    meta = meta or {}
+    fast = meta.get("fast_path") or (meta.get("onnx_metadata") or {}).get("itae_export.fast_path")
+    return "KIND_CPU" if fast else "KIND_GPU"
 
 
 def default_model_name(meta: dict[str, Any] | None, model_path: str | Path) -> str:
@@ -969,7 +978,7 @@ def deploy_from_cli(
         args.triton_repo,
         model_name=getattr(args, "model_name", None) or default_model_name(meta, model_path),
         max_batch=getattr(args, "max_batch", None),
-        instance_kind=getattr(args, "instance_kind", "KIND_GPU") or "KIND_GPU",
+        instance_kind=getattr(args, "instance_kind", None) or default_instance_kind(meta),
         instance_count=getattr(args, "instances", 1) or 1,
         graph_options=GraphOptions.from_args(args),
         meta=meta,
@@ -1017,7 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = write_triton_repo(
             model, args.triton_repo,
             model_name=args.model_name or default_model_name(meta, model),
-            max_batch=args.max_batch, platform=args.platform, instance_kind=args.instance_kind,
+            max_batch=args.max_batch, platform=args.platform,
+            instance_kind=args.instance_kind or default_instance_kind(meta),
             instance_count=args.instances, graph_options=GraphOptions.from_args(args), meta=meta or None,
         )  # fmt: skip
     except ItaeError as e:

@@ -233,13 +233,21 @@ def test_cli_fused_fast_path(tmp_path, capsys):
     from itae_export.cli import export_main
     from itae_export.fastpath import FUSED_VALUE
 
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    repo = tmp_path / "repo"
     argv = ["dinov2_vits14", "--random-weights", "--depth", "3", "--img-size", str(IMG), "--out", str(out),
-            "--fast-path", "fused", "--fast-path-eval-images", "30"]
+            "--fast-path", "fused", "--fast-path-eval-images", "30", "--triton-repo", str(repo)]
     assert export_main(argv) == 0
     text = capsys.readouterr().out
     assert "fused the attention of 2 blocks" in text and "fused vs fp32 PyTorch ITAE reference" in text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp32.onnx", "m.onnx"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.fp32.onnx", "m.onnx"]
+    # the Triton copy is the fast model, on CPU instances by default (it is an ORT CPU path)
+    (cfg_path,) = repo.glob("*/config.pbtxt")
+    cfg = cfg_path.read_text()
+    assert "onnxruntime_onnx" in cfg and "KIND_CPU" in cfg and "KIND_GPU" not in cfg
+    (deployed,) = cfg_path.parent.glob("1/model.onnx")
+    assert [n.op_type for n in onnx.load(str(deployed)).graph.node].count("MultiHeadAttention") == 2
     q = onnx.load(str(out))
     meta = {p.key: p.value for p in q.metadata_props}
     acc = json.loads(meta[META_ACCURACY])
@@ -247,5 +255,5 @@ def test_cli_fused_fast_path(tmp_path, capsys):
     assert acc["validation"]["cos_min"] >= 0.99999 and acc["digits"]["cos_min"] >= 0.99999
     assert [n.op_type for n in q.graph.node].count("MultiHeadAttention") == 2
     x = np.random.default_rng(6).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
-    np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(tmp_path / "m.fp32.onnx").run(x),
+    np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(out.parent / "m.fp32.onnx").run(x),
                                rtol=1e-5, atol=1e-5)

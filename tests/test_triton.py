@@ -572,3 +572,18 @@ def test_standalone_cli_names_model_from_export_metadata(tmp_path: Path, capsys)
     assert "dinov2_vitb14_itae version 1" in capsys.readouterr().out
     text = (tmp_path / "repo" / "dinov2_vitb14_itae" / "config.pbtxt").read_text()
     assert 'ITAE: {"norm_source": "v"}' in text and "model: dinov2_vitb14" in text
+
+
+def test_fast_path_model_defaults_to_cpu_instances(tmp_path):
+    """A --fast-path model (int8 / fused) is an ONNX Runtime CPU model: KIND_CPU unless asked otherwise."""
+    src = save_tiny(tmp_path / "m.onnx")
+    fast = tmp_path / "fast.onnx"
+    g = onnx.load(str(src))
+    g.metadata_props.append(onnx.StringStringEntryProto(key="itae_export.fast_path", value="int8-dynamic"))
+    onnx.save_model(g, str(fast))
+    kinds = {}
+    for name, path, extra in [("plain", src, []), ("fast", fast, []), ("forced", fast, ["--instance-kind", "KIND_GPU"])]:
+        assert main([str(path), "--triton-repo", str(tmp_path / "repo"), "--model-name", name, *extra]) == 0
+        kinds[name] = parse(tmp_path / "repo" / name / "config.pbtxt").instance_group[0].kind
+    groups = model_config_pb2.ModelInstanceGroup
+    assert kinds == {"plain": groups.KIND_GPU, "fast": groups.KIND_CPU, "forced": groups.KIND_GPU}
