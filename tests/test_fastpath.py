@@ -257,3 +257,17 @@ def test_cli_fused_fast_path(tmp_path, capsys):
     x = np.random.default_rng(6).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
     np.testing.assert_allclose(OrtRunner(out).run(x), OrtRunner(out.parent / "m.fp32.onnx").run(x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_cli_fused_gate_refuses_an_inexact_model(tmp_path, capsys, monkeypatch):
+    from itae_export.cli import export_main
+    from itae_export.errors import ParityError
+
+    # an unreachable bar stands in for a fusion that changed the output
+    monkeypatch.setattr("itae_export.fastpath.FUSED_MIN_COSINE", 1.5)
+    out = tmp_path / "m.onnx"
+    argv = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", str(IMG), "--out", str(out),
+            "--fast-path", "fused", "--fast-path-eval-images", "10"]
+    assert export_main(argv) == ParityError.exit_code
+    assert "not exact" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written, no temporaries left
