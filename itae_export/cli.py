@@ -209,6 +209,8 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"--validate-batch must be >= 1, got {args.validate_batch}")
     fast_kind = getattr(args, "fast_path", "none")
     fast = fast_kind != "none"
+    if getattr(args, "int8_weights", None) and fast_kind != "int8":
+        raise UsageError(f"--int8-weights applies to --fast-path int8 only (got --fast-path {fast_kind})")
     if fast:
         from .fastpath import fp32_path
 
@@ -343,7 +345,7 @@ def _export(args: argparse.Namespace) -> int:
             keep_fp32_copy(tmp_onnx, fp32_onnx)
             if fast_kind == "int8":
                 quantize_int8(fp32_onnx, tmp_onnx,
-                              per_channel=getattr(args, "int8_weights", "per-channel") == "per-channel")
+                              per_channel=(getattr(args, "int8_weights", None) or "per-channel") == "per-channel")
             else:
                 fused = fuse_model(fp32_onnx, tmp_onnx)
                 log(f"      fused the attention of {len(fused['fused'])} blocks into MultiHeadAttention "

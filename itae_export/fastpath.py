@@ -452,8 +452,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "one fused into com.microsoft.MultiHeadAttention. --out gets the fast model, <stem>.fp32.onnx the "
         "portable fp32 one.")
     g.add_argument("--fast-path", choices=FAST_PATHS, default="none", help="CPU fast path (default none)")
-    g.add_argument("--int8-weights", choices=("per-channel", "per-tensor"), default="per-channel",
-                   help="int8 weight scales: one per output column (default) or one per matrix")
+    g.add_argument("--int8-weights", choices=("per-channel", "per-tensor"), default=None,
+                   help="with --fast-path int8: one weight scale per output column (default) or per matrix")
     g.add_argument("--fast-path-eval-images", type=int, default=200, metavar="N",
                    help="sklearn digits images for the fast path's accuracy report (default 200)")
 

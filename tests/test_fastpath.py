@@ -135,6 +135,8 @@ def test_cli_fast_path_end_to_end_and_refusal(tmp_path, capsys):
     tiny = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", str(IMG)]
     assert export_main([*tiny, "--out", str(tmp_path / "m.engine"), "--fast-path", "int8"]) == 2
     assert "TensorRT" in capsys.readouterr().err
+    assert export_main([*tiny, "--out", str(tmp_path / "m.onnx"), "--int8-weights", "per-tensor"]) == 2
+    assert "--int8-weights applies to --fast-path int8 only" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
     out = tmp_path / "m.onnx"
