@@ -363,10 +363,16 @@ def _fill_and_stream(graph: onnx.GraphProto, pending: dict[str, TensorProto], wq
             del w
             _, s_name, z_name = wq[src.name]
             for proto, arr in ((t, q), (by_name[s_name], scale), (by_name[z_name], zp)):
-                proto.CopyFrom(numpy_helper.from_array(np.asarray(arr), proto.name))
+                arr = np.asarray(arr)
+                # dims/type only: bytes put into the proto stay in its protobuf arena even after
+                # ClearField, so an external tensor's data must never pass through it
+                proto.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+                proto.dims.extend(arr.shape)
                 filled.add(proto.name)
                 if writer is not None and arr.nbytes >= _EXTERNAL_MIN_BYTES:
                     writer.write_array(proto, arr)
+                else:
+                    proto.raw_data = np.ascontiguousarray(arr).tobytes()
             del q
         elif _is_external(t):
             if writer is None:  # unreachable: an external tensor makes the output external
