@@ -378,4 +378,16 @@ def _fill_and_stream(graph: onnx.GraphProto, pending: dict[str, TensorProto], wq
             if writer is None:  # unreachable: an external tensor makes the output external
                 raise Int8Error(f"tensor {t.name!r} is external but no output data file is open")
             path, offset, length = _ext_span(t, base)
-            writer.copy_span(t, path, offset, length)
+            if length < _EXTERNAL_MIN_BYTES:
+                # shapes/axes saved externally (size_threshold=0): ONNX Runtime's shape inference
+                # cannot read them from a file, so small tensors go back inline
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    raw = f.read(length)
+                if len(raw) != length:
+                    raise Int8Error(f"{path} is truncated: tensor {t.name!r} needs {length} bytes at {offset}")
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = raw
+            else:
+                writer.copy_span(t, path, offset, length)
