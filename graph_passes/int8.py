@@ -34,13 +34,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .graph import all_tensors
 
 __all__ = ["Int8Error", "Int8Result", "quantize_dynamic_int8", "quantize_weight"]
 
@@ -157,17 +158,6 @@ def _read_external_array(t: TensorProto, base: Path) -> np.ndarray:
     return out
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            for g in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-                yield from _all_tensors(g)
-
-
 def _used_names(graph: onnx.GraphProto) -> set[str]:
     used = {o.name for o in graph.output}
     for node in graph.node:
@@ -223,7 +213,7 @@ class _DataWriter:
 
 # ---------------------------------------------------------------------------------- the pass
 def _files_of(model_path: Path, graph: onnx.GraphProto) -> list[Path]:
-    locs = {_ext_info(t).get("location") for t in _all_tensors(graph) if _is_external(t)}
+    locs = {_ext_info(t).get("location") for t in all_tensors(graph) if _is_external(t)}
     return [model_path] + sorted(model_path.parent / loc for loc in locs if loc)
 
 
@@ -353,7 +343,7 @@ def _fill_and_stream(graph: onnx.GraphProto, pending: dict[str, TensorProto], wq
     into the writer's file, one tensor in memory at a time."""
     by_name = {t.name: t for t in graph.initializer}
     filled: set[str] = set()
-    for t in list(_all_tensors(graph)):
+    for t in list(all_tensors(graph)):
         if t.name in filled:  # scale/zero point written together with their weight
             continue
         src = pending.get(t.name)
