@@ -345,7 +345,7 @@ def _export(args: argparse.Namespace) -> int:
             keep_fp32_copy(tmp_onnx, fp32_onnx)
             if fast_kind == "int8":
                 quantize_int8(fp32_onnx, tmp_onnx,
-                              per_channel=(getattr(args, "int8_weights", None) or "per-channel") == "per-channel")
+                              per_channel=getattr(args, "int8_weights", None) != "per-tensor")
             else:
                 fused = fuse_model(fp32_onnx, tmp_onnx)
                 log(f"      fused the attention of {len(fused['fused'])} blocks into MultiHeadAttention "

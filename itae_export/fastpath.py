@@ -148,10 +148,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] |
     src, out = Path(onnx_in), Path(onnx_out)
     if src.resolve() == out.resolve():
         raise ValueError(f"{out} is the input; choose another output path")
-    graph = onnx.load(str(src), load_external_data=False)
     if exclude is None:
-        exclude = final_block_nodes(graph)
-    del graph
+        exclude = final_block_nodes(onnx.load(str(src), load_external_data=False))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".itae-int8-", dir=out.parent))
     try:
@@ -194,23 +192,18 @@ def fuse_model(onnx_in: str | Path, onnx_out: str | Path) -> dict[str, Any]:
     if res.num_fused == 0:
         raise MatchError("fuse attention", f"no block of {src} could be fused: {res.summary()}",
                          "use --fast-path int8 or no fast path for this graph")
-    locs = external_locations(fused)
-    if len(locs) > 1:
-        raise ValueError("the model keeps its weights in several files; expected one .data file")
+    loc = _single_data_file(fused)
     made: list[Path] = []
     try:
-        if locs:
+        if loc:
             data = out.parent / (out.name + ".data")
             tmp_data = out.parent / f".{data.name}.tmp{os.getpid()}"
             try:
-                os.link(src.parent / locs[0], tmp_data)
+                os.link(src.parent / loc, tmp_data)
             except OSError:
-                shutil.copyfile(src.parent / locs[0], tmp_data)
+                shutil.copyfile(src.parent / loc, tmp_data)
             made.append(tmp_data)
-            for t in _tensors(fused):
-                for kv in t.external_data:
-                    if kv.key == "location" and kv.value == locs[0]:
-                        kv.value = data.name
+            _relocate(fused, loc, data.name)
         meta = {p.key: p.value for p in fused.metadata_props}
         meta[META_FAST_PATH] = FUSED_VALUE
         meta["itae_export.fused_attention"] = json.dumps(res.to_dict(), sort_keys=True)
@@ -218,7 +211,7 @@ def fuse_model(onnx_in: str | Path, onnx_out: str | Path) -> dict[str, Any]:
         tmp_graph = out.parent / f".{out.name}.tmp{os.getpid()}"
         onnx.save_model(fused, str(tmp_graph))
         made.append(tmp_graph)
-        if locs:
+        if loc:
             os.replace(tmp_data, data)
         os.replace(tmp_graph, out)
         made.clear()
@@ -436,24 +429,31 @@ def fp32_path(onnx_out: str | Path) -> Path:
 def keep_fp32_copy(onnx_path: Path, fp32: Path) -> None:
     """Rename the staged fp32 model (and its external data, re-pointed) to `fp32` in the same folder."""
     m = onnx.load(str(onnx_path), load_external_data=False)
-    locs = external_locations(m)
-    if len(locs) > 1:
-        raise ValueError("the fp32 model keeps its weights in several files; expected one .data file")
-    if locs:
+    loc = _single_data_file(m)
+    if loc:
         new = fp32.name + ".data"
-        os.replace(onnx_path.parent / locs[0], fp32.parent / new)
-        for t in _tensors(m):
-            for kv in t.external_data:
-                if kv.key == "location" and kv.value == locs[0]:
-                    kv.value = new
+        os.replace(onnx_path.parent / loc, fp32.parent / new)
+        _relocate(m, loc, new)
     onnx.save_model(m, str(fp32))
     onnx_path.unlink()
 
 
-def _tensors(model: onnx.ModelProto):
+def _single_data_file(model: onnx.ModelProto) -> str | None:
+    """The one external data file the model references, or None when its weights are inline."""
+    locs = external_locations(model)
+    if len(locs) > 1:
+        raise ValueError("the model keeps its weights in several files; expected one .data file")
+    return locs[0] if locs else None
+
+
+def _relocate(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point every tensor stored in the external file `old` at `new` (same offsets)."""
     from graph_passes.graph import all_tensors
 
-    return all_tensors(model.graph)
+    for t in all_tensors(model.graph):
+        for kv in t.external_data:
+            if kv.key == "location" and kv.value == old:
+                kv.value = new
 
 
 def accuracy_json(rep: dict[str, Any]) -> str:
