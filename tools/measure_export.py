@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 
-def measure(cmd: list[str]) -> dict:
-    """Run cmd in a wrapper process that has it as its only child; return seconds and peak RSS."""
+def measure(cmd: list[str], what: str | None = None) -> dict:
+    """Run cmd in a wrapper process that has it as its only child; return seconds and peak RSS (and
+    the child's stdout/stderr tails). `what` names the step in the failure message."""
     wrapper = (
         "import resource, subprocess, sys, time, json\n"
         "t = time.perf_counter()\n"
@@ -35,8 +36,30 @@ def measure(cmd: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
-        raise SystemExit(f"step failed: {' '.join(cmd)}\n{res['stderr']}")
+        head = f"{what} failed:" if what else f"step failed: {' '.join(cmd)}"
+        raise SystemExit(f"{head}\n{res['stderr']}")
     return res
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty output folder (a previous run's files are removed)."""
+    out = Path(path)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def write_report(result: dict, json_path: str | None, out: Path, default_name: str, keep: bool) -> Path:
+    """Write the JSON report (default OUT/default_name) and, unless keep, delete the other outputs."""
+    jp = Path(json_path) if json_path else out / default_name
+    jp.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {jp}")
+    if not keep:
+        for f in out.iterdir():
+            if f != jp:
+                f.unlink()
+    return jp
 
 
 def main() -> int:
@@ -48,10 +71,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="where to write the JSON (default OUT_DIR/measure_export.json)")
     p.add_argument("--keep", action="store_true", help="keep the ONNX files")
     args = p.parse_args()
-    out = Path(args.out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = fresh_dir(args.out_dir)
     exe = shutil.which("itae-export") or "itae-export"
     patch = shutil.which("itae-patch") or "itae-patch"
     common = [args.model, "--random-weights", "--img-size", str(args.img_size), "--exporter", args.exporter]
@@ -88,13 +108,7 @@ def main() -> int:
               "external_data_files": data_files,
               "steps": {k: {"seconds": v["seconds"], "peak_bytes": v["peak_bytes"]} for k, v in rows.items()},
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    jp = Path(args.json) if args.json else out / "measure_export.json"
-    jp.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {jp}")
-    if not args.keep:
-        for f in out.iterdir():
-            if f != jp:
-                f.unlink()
+    write_report(result, args.json, out, "measure_export.json", args.keep)
     return 0
 
 

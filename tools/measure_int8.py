@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure_export import fresh_dir, write_report  # noqa: E402 - sibling tool, found through the line above
+from measure_export import measure as measure_step  # noqa: E402
 
 _CHILD = r"""
 import json, sys, time
@@ -45,23 +47,10 @@ else:
 print(json.dumps({"seconds_in_call": time.perf_counter() - t, "matmuls_quantized": n}))
 """
 
-_WRAPPER = (
-    "import resource, subprocess, sys, time, json\n"
-    "t = time.perf_counter()\n"
-    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-    "dt = time.perf_counter() - t\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-    "print(json.dumps({'rc': r.returncode, 'seconds': dt, 'peak_bytes': peak, 'stdout': r.stdout[-3000:], "
-    "'stderr': r.stderr[-3000:]}))\n"
-)
-
 
 def measure(which: str, src: Path, dst: Path, per_channel: bool) -> dict:
     cmd = [sys.executable, "-c", _CHILD, which, str(src), str(dst), "1" if per_channel else "0"]
-    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    if res["rc"] != 0:
-        raise SystemExit(f"{which} quantizer failed on {src}:\n{res['stderr']}")
+    res = measure_step(cmd, what=f"{which} quantizer on {src}")
     res.update(json.loads(res.pop("stdout").strip().splitlines()[-1]))
     res.pop("stderr")
     return res
@@ -109,10 +98,7 @@ def main() -> int:
     src = Path(args.model)
     if not src.is_file():
         raise SystemExit(f"{src} not found; pass an fp32 .onnx file")
-    out = Path(args.out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = fresh_dir(args.out_dir)
     pc = not args.per_tensor
     rows = {}
     for which in ("ours", "ort"):
@@ -136,13 +122,7 @@ def main() -> int:
           f"max |output diff| {lat['max_abs_output_diff']:.3g}")
     result = {"model": str(src), "per_channel": pc, "quantize": rows, "latency_model": str(lat_src),
               "latency": lat, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    jp = Path(args.json) if args.json else out / "measure_int8.json"
-    jp.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {jp}")
-    if not args.keep:
-        for f in out.iterdir():
-            if f != jp:
-                f.unlink()
+    write_report(result, args.json, out, "measure_int8.json", args.keep)
     return 0
 
 
