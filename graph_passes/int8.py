@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import all_tensors
+from .graph import all_tensors, external_locations
 
 __all__ = ["Int8Error", "Int8Result", "quantize_dynamic_int8", "quantize_weight"]
 
@@ -212,11 +212,6 @@ class _DataWriter:
 
 
 # ---------------------------------------------------------------------------------- the pass
-def _files_of(model_path: Path, graph: onnx.GraphProto) -> list[Path]:
-    locs = {_ext_info(t).get("location") for t in all_tensors(graph) if _is_external(t)}
-    return [model_path] + sorted(model_path.parent / loc for loc in locs if loc)
-
-
 def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude: set[str],
                           per_channel: bool = True, weight_type: str = "qint8") -> Int8Result:
     """Quantize the MatMul weights of `onnx_in` (except nodes named in `exclude`) to int8 and write
@@ -231,7 +226,7 @@ def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude:
         raise Int8Error(f"output {out} is the input model; choose another output path")
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
-    in_files = _files_of(src, graph)
+    in_files = [src] + [src.parent / loc for loc in external_locations(model)]
     external = len(in_files) > 1
     out_data_name = out.name + ".data"
     out_data = out.parent / out_data_name
