@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .graph import GraphIndex, toposort
+from .graph import GraphIndex, infer_weight_free, toposort
 from .match import INSERTED_PREFIX, MatchError, _match_at
 
 PREFIX = "fuse_attention"
@@ -104,20 +104,8 @@ class _Shapes:
 
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
-        small = [t for t in g.initializer if _is_small_inline(t)]
-        small_names = {t.name for t in small}
-        big = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-               for t in g.initializer if t.name not in small_names]
-        inits = {t.name for t in g.initializer}
-        light = helper.make_model(
-            helper.make_graph(list(g.node), g.name or "g", [i for i in g.input if i.name not in inits] + big,
-                              list(g.output), initializer=small),
-            opset_imports=list(model.opset_import), ir_version=model.ir_version)
-        light.functions.extend(model.functions)
-        try:
-            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-        except Exception:  # noqa: BLE001 - best effort: unknown shapes make candidates unprovable
-            inferred = light
+        # the exporter's value_info is not trusted: layouts are proven from inference alone
+        inferred = infer_weight_free(model, keep_small=_SMALL, data_prop=True, keep_value_info=False)
         self.dims: dict[str, list[_Dim]] = {}
         self.types: dict[str, int] = {t.name: t.data_type for t in g.initializer}
         for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

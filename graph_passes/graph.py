@@ -225,23 +225,36 @@ def elem_type_of(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
-def infer_elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element types of every tensor via onnx shape inference on a weight-free copy (initializers
-    become typed graph inputs), so inline weights are neither copied nor scanned."""
+def infer_weight_free(model: onnx.ModelProto, *, keep_small: int = 0, data_prop: bool = False,
+                      keep_value_info: bool = True) -> onnx.ModelProto:
+    """onnx shape inference on a weight-free copy: initializers become typed graph inputs, so inline
+    weights are neither copied nor scanned. Inline initializers of at most `keep_small` elements
+    stay (shape targets, scales), so that data propagation can carry Reshape targets.
+    keep_value_info=False ignores the graph's own value_info (trust inference alone). Best effort:
+    when inference fails the un-inferred copy is returned."""
     g = model.graph
-    inits = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
+    small = [t for t in g.initializer
+             if t.data_location != TensorProto.EXTERNAL and int(np.prod(t.dims)) <= keep_small] if keep_small else []
+    small_names = {t.name for t in small}
+    typed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in g.initializer if t.name not in small_names]
     init_names = {t.name for t in g.initializer}
     light_graph = helper.make_graph(
-        list(g.node), g.name or "g", [i for i in g.input if i.name not in init_names] + inits, list(g.output),
-        value_info=list(g.value_info),
+        list(g.node), g.name or "g", [i for i in g.input if i.name not in init_names] + typed, list(g.output),
+        initializer=small, value_info=list(g.value_info) if keep_value_info else None,
     )
     light = helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     light.functions.extend(model.functions)
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+        return onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=data_prop)
     except Exception:  # noqa: BLE001 - inference is best effort; callers fall back
-        inferred = light
-    out = {t.name: t.data_type for t in g.initializer}
+        return light
+
+
+def infer_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every tensor (infer_weight_free)."""
+    inferred = infer_weight_free(model)
+    out = {t.name: t.data_type for t in model.graph.initializer}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if v.type.tensor_type.elem_type:
             out[v.name] = v.type.tensor_type.elem_type
