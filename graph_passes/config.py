@@ -9,6 +9,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .errors import ConfigError  # noqa: F401 - re-exported
+
 NORM_SOURCES = ("q", "k", "v")
 NORM_SCOPES = ("token", "head")
 DIRECTIONS = ("high", "low")
@@ -21,10 +23,6 @@ RELATIVE_STATS = ("mean", "median")
 # Darcet et al. report artifact norms several times the typical norm, so 2x keeps ordinary
 # variation out; calibrate (itae-calibrate) for the paper's absolute threshold.
 DEFAULT_GAMMA = {"high": 2.0, "low": 0.5}
-
-
-class ConfigError(ValueError):
-    """An ITAE option has a bad value; the message names the option and the allowed values."""
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .errors import MatchError
 from .graph import Builder, GraphIndex, infer_elem_types
-from .match import MatchError
 
 CONTRIB_DOMAIN = "com.microsoft"
 CONTRIB_ATTENTION_OPS = (

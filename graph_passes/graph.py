@@ -4,10 +4,13 @@ constants, opset-aware op emission and a stable topological sort. Pure onnx + nu
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .errors import UnsafeLocationError
 
 
 class GraphIndex:
@@ -282,3 +285,27 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
                 if kv.key == "location":
                     locs.add(kv.value)
     return sorted(locs)
+
+
+def resolve_external_location(base_dir: str | Path, location: str) -> Path:
+    """The file an external-data `location` names, checked by ONNX Runtime's rule: relative, no '..'
+    component, and (symlinks followed) inside `base_dir`. Raises UnsafeLocationError otherwise."""
+    base = Path(base_dir).resolve()
+    rel = PurePosixPath(location.replace("\\", "/"))
+    if not location or rel.is_absolute() or location.startswith(("/", "\\")) or ":" in rel.parts[0] \
+            or ".." in rel.parts or "\x00" in location:
+        raise UnsafeLocationError(
+            f"external-data location {location!r} is not a plain relative path inside the model's folder "
+            "(absolute paths and '..' are refused); re-save the model with its .data file beside it")
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafeLocationError(
+            f"external-data location {location!r} resolves outside the model's folder {base} (through a "
+            "symlink); copy the data file into that folder instead of linking it")
+    return target
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str | Path) -> list[Path]:
+    """Resolve every external-data location of `model` safely (see resolve_external_location);
+    returns the files, in the order of external_locations."""
+    return [resolve_external_location(base_dir, loc) for loc in external_locations(model)]

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import Int8Error  # noqa: F401 - re-exported
 from .graph import all_tensors, external_locations
 
 __all__ = ["Int8Error", "Int8Result", "quantize_dynamic_int8", "quantize_weight"]
@@ -51,10 +52,6 @@ _ALIGN_MIN_BYTES = 1 << 20  # big tensors start on a page boundary, as onnx.save
 _ALIGN = 4096
 _COPY_CHUNK = 16 << 20
 _ROW_CHUNK_ELEMS = 4 << 20  # rows quantized at a time: bounds the float32 temporaries
-
-
-class Int8Error(ValueError):
-    """The model or the paths cannot be quantized as asked."""
 
 
 @dataclass

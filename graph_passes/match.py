@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .errors import AlreadyPatchedError, MatchError, PassError  # noqa: F401 - re-exported
 from .graph import GraphIndex
 
 SCALE_OPS = ("Mul", "Div")
@@ -28,26 +29,6 @@ LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", 
 PROJECTION_OPS = ("MatMul", "Gemm", "Add")
 META_SETTINGS_KEY = "itae.settings"
 INSERTED_PREFIX = "itae/"
-
-
-class PassError(ValueError):
-    """Base of graph-pass failures; the CLIs print the message and exit non-zero."""
-
-
-class MatchError(PassError):
-    """The graph does not contain a ViT attention block we can match; `step` names what failed."""
-
-    def __init__(self, step: str, reason: str, hint: str = ""):
-        self.step = step
-        self.reason = reason
-        msg = f"match failed at step '{step}': {reason}"
-        if hint:
-            msg += f"; {hint}"
-        super().__init__(msg)
-
-
-class AlreadyPatchedError(PassError):
-    """The graph already carries ITAE; re-patching would attenuate twice."""
 
 
 @dataclass

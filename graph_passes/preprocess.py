@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import PreprocessPassError  # noqa: F401 - re-exported
 from .graph import external_locations
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,10 +39,6 @@ UINT8_INPUT_KEY = "itae_export.uint8_nhwc_input"
 L2_NORMALIZE_KEY = "itae_export.l2_normalize"
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
-
-
-class PreprocessPassError(ValueError):
-    """A deployment pass cannot be applied to this graph; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from graph_passes.match import PassError
 
 from .errors import ItaeError, OutputExistsError, ParityError, UsageError
 from .fileio import check_output_path
+from .safe_io import load_onnx_checked
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 ITAE_FIELDS = ("norm_source", "norm_scope", "direction", "threshold", "relative_threshold", "relative_stat",
@@ -83,24 +84,6 @@ def _run_cli(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentP
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; no output was written", file=sys.stderr)
         return 130
-
-
-def load_onnx_checked(path: str | Path, flag: str = "input"):
-    """Load an ONNX graph without its external weights, with clear errors for bad files."""
-    import onnx
-
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{flag} {p} does not exist; give the path of an .onnx file")
-    if p.is_dir():
-        raise UsageError(f"{flag} {p} is a directory; give the path of an .onnx file")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage
-        raise UsageError(f"{flag} {p} is not an ONNX model ({type(e).__name__}); give an .onnx file") from e
-    if not model.graph.node:
-        raise UsageError(f"{flag} {p} is not an ONNX model (no graph nodes); give an .onnx file")
-    return model
 
 
 def _set_location(model, old: str, new: str) -> None:
