@@ -1,0 +1,23 @@
+"""itae-export: DINOv2 -> ONNX with ITAE (inference-time attention engineering) in the final
+attention block -> TensorRT / Triton / CPU fast paths, validated against PyTorch.
+
+    import itae_export
+    res = itae_export.export("dinov2_vits14", "s14.onnx", random_weights=True)
+    print(res.summary(), res.parity)
+
+Importing the package needs no torch; only export() does (the [torch] extra).
+"""
+
+from __future__ import annotations
+
+from graph_passes.config import ITAEConfig
+
+from .api import build_engine, deploy_triton, export, inspect, patch
+from .errors import ItaeError
+from .graph_options import GraphOptions
+from .results import ExportResult, Inspection, PatchResult
+
+__version__ = "0.2.0"
+
+__all__ = ["ExportResult", "GraphOptions", "ITAEConfig", "Inspection", "ItaeError", "PatchResult", "__version__",
+           "build_engine", "deploy_triton", "export", "inspect", "patch"]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from graph_passes.graph import check_external_data
+
 from .errors import DataError, UsageError
 from .fileio import atomic_path, atomic_write_text, sha256_file
 
@@ -62,21 +64,11 @@ def model_identity(
 def onnx_identity(path: str | Path) -> dict:
     """Digests of an ONNX file and its external data files, and its metadata_props (where itae-export
     records the ITAE settings it applied)."""
-    import onnx
+    from .safe_io import load_onnx_checked
 
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--onnx {p} does not exist; pass a model written by itae-export")
-    try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # a protobuf decode error means this is not an ONNX model
-        raise UsageError(f"--onnx {p} is not a readable ONNX model ({e})") from e
-    try:
-        from .export import onnx_files
-
-        files = onnx_files(p)
-    except ImportError:
-        files = [p]
+    m = load_onnx_checked(p, "--onnx")
+    files = [p] + check_external_data(m, p.parent)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise UsageError(
@@ -100,20 +92,9 @@ class Backend:
 
 
 def _torch_run(module) -> Callable[[np.ndarray], np.ndarray]:
-    try:
-        from .runtime import make_runner
+    from .runtime import make_runner
 
-        return make_runner("torch", module).run
-    except ImportError:  # the runtime module is optional for the PyTorch backends
-        import torch
-
-        module.eval()
-
-        def run(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return module(torch.from_numpy(np.ascontiguousarray(x))).float().cpu().numpy()
-
-        return run
+    return make_runner("torch", module).run
 
 
 def torch_baseline_backend(embedder) -> Backend:

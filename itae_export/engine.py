@@ -45,7 +45,6 @@ mixed precision, then build it with --strongly-typed). None of this has been run
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -68,6 +67,11 @@ from graph_passes.graph import external_locations
 
 from .errors import EngineError, ParityError, UsageError
 from .fileio import atomic_path, atomic_write_text, sha256_file
+from .jsonable import jsonable
+from .outputs import OutputTransaction
+from .results import RunInfo
+from .runtime import run_batched
+from .validate import compare
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BUILDERS = ("auto", "python", "trtexec")
@@ -149,58 +153,6 @@ class EngineOptions:
             if tc.exists() and tc.is_dir():
                 raise UsageError(f"--timing-cache {tc} is a directory; give a file path")
             object.__setattr__(self, "timing_cache", tc)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EngineOptions:
-        def get(name: str, default: Any) -> Any:
-            value = getattr(args, name, None)
-            return default if value is None else value
-
-        return cls(
-            precision=getattr(args, "precision", None),
-            min_batch=get("min_batch", DEFAULT_MIN_BATCH),
-            opt_batch=get("opt_batch", DEFAULT_OPT_BATCH),
-            max_batch=get("max_batch", DEFAULT_MAX_BATCH),
-            workspace_mib=get("workspace", DEFAULT_WORKSPACE_MIB),
-            timing_cache=getattr(args, "timing_cache", None),
-            strongly_typed=bool(getattr(args, "strongly_typed", False)),
-            allow_tf32=bool(getattr(args, "allow_tf32", False)),
-            precision_constraints=not bool(getattr(args, "no_precision_constraints", False)),
-            builder=get("engine_builder", "auto"),
-        )
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add the TensorRT flags to `itae-export` (used when --out ends in .engine/.plan)."""
-    g = parser.add_argument_group(
-        "TensorRT engine (--out *.engine)",
-        "Build a TensorRT engine from the exported ONNX and check it against PyTorch. A trtexec script "
-        f"({SCRIPT_NAME}) is always written next to the ONNX.",
-    )
-
-    def add(flag: str, **kw: Any) -> None:
-        # another feature (the Triton deployer's --max-batch) may already define a flag: share it
-        if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public lookup
-            g.add_argument(flag, **kw)
-
-    add("--precision", choices=PRECISIONS, default=None,
-                   help="engine precision (default: fp16 where the GPU and TensorRT support it, else fp32); "
-                   "LayerNorm, Softmax, reductions and ITAE nodes stay fp32 in fp16/bf16 engines")
-    add("--min-batch", type=int, default=None, help=f"smallest batch of the profile (default {DEFAULT_MIN_BATCH})")
-    add("--opt-batch", type=int, default=None, help=f"batch TensorRT tunes for (default {DEFAULT_OPT_BATCH})")
-    add("--max-batch", type=int, default=None, help=f"largest batch of the profile (default {DEFAULT_MAX_BATCH})")
-    add("--workspace", type=int, default=None, metavar="MIB",
-                   help=f"builder workspace memory pool in MiB (default {DEFAULT_WORKSPACE_MIB})")
-    add("--timing-cache", type=Path, default=None, metavar="PATH",
-                   help="timing cache file, loaded before and saved after the build (reused across builds)")
-    add("--strongly-typed", action="store_true",
-                   help="build a strongly typed network (precision from the ONNX tensor types)")
-    add("--allow-tf32", action="store_true", help="allow TF32 matmuls in fp32 engines (off: exact fp32)")
-    add("--no-precision-constraints", action="store_true",
-                   help="let TensorRT choose fp16/bf16 for LayerNorm, Softmax and the ITAE nodes too")
-    add("--engine-builder", choices=BUILDERS, default=None,
-                   help="build with TensorRT's Python API, trtexec, or whichever is available (default auto)")
-
 
 # --------------------------------------------------------------------------------------------
 # (b) profile shapes from the ONNX input
@@ -406,7 +358,7 @@ def build_script_text(
     options: EngineOptions,
     precision: str,
     fp32_nodes: Sequence[dict[str, Any]],
-    meta: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> str:
     """A bash script that builds the engine with trtexec; paths are relative to the script's folder."""
     here = onnx_path.parent
@@ -418,12 +370,11 @@ def build_script_text(
     )
     _, _, skipped = trtexec_layer_specs(fp32_nodes)
     shapes = profile_shapes(spec, options)
-    meta = meta or {}
     lines = [
         "#!/usr/bin/env bash",
         f"# Build the TensorRT engine {engine_path.name} from {onnx_path.name} with trtexec.",
         f"# Written by itae-export on {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
-        + (f" for model {meta.get('model')}" if meta.get("model") else "") + ".",
+        + (f" for model {model}" if model else "") + ".",
         "# Needs an NVIDIA GPU and TensorRT 10.x trtexec (an NGC container nvcr.io/nvidia/tensorrt:<yy.mm>-py3",
         '# has it at /usr/src/tensorrt/bin/trtexec; or pip install -e ".[trt]" and set TRTEXEC=...).',
         "# Engines are specific to the GPU model and TensorRT version they were built with.",
@@ -476,18 +427,31 @@ def build_script_text(
     return "\n".join(lines) + "\n"
 
 
-def write_build_script(
-    onnx_path: str | Path,
-    engine_path: str | Path,
-    spec: InputSpec,
-    options: EngineOptions,
-    precision: str,
-    fp32_nodes: Sequence[dict[str, Any]],
-    meta: dict[str, Any] | None = None,
-) -> Path:
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    script = onnx_path.parent / SCRIPT_NAME
-    atomic_write_text(script, build_script_text(onnx_path, engine_path, spec, options, precision, fp32_nodes, meta))
+def script_precision(options: EngineOptions) -> str:
+    """The precision the build script uses: the requested one, else fp16 unless this machine's GPU
+    and TensorRT tell otherwise (the script is meant for a GPU machine)."""
+    if options.strongly_typed:
+        return "fp32"
+    if options.precision is not None:
+        return options.precision
+    gpu = gpu_info()
+    if gpu is None:
+        return "fp16"
+    trt, _ = import_tensorrt()
+    return resolve_precision(options, trt, gpu)[0]
+
+
+def stage_build_script(staged_onnx: Path, final_onnx: Path, final_engine: Path, options: EngineOptions,
+                       script: Path) -> Path:
+    """Write the trtexec build script for `final_onnx` -> `final_engine` at `script` (a staged path;
+    the script refers to the final paths, relative to the ONNX's folder). The layers pinned to fp32
+    are read from the staged ONNX."""
+    spec = read_input_spec(staged_onnx)
+    profile_shapes(spec, options)  # validates the profile against a fixed-batch ONNX
+    precision = script_precision(options)
+    fp32_nodes = fp32_onnx_nodes(staged_onnx) if precision in ("fp16", "bf16") else []
+    text = build_script_text(final_onnx, final_engine, spec, options, precision, fp32_nodes)
+    script.write_text(text)
     script.chmod(0o755)
     return script
 
@@ -503,6 +467,8 @@ def import_tensorrt() -> tuple[Any | None, str | None]:
         return None, str(e) or "not installed"
     except OSError as e:  # broken install: shared libraries missing
         return None, str(e)
+    if not hasattr(trt, "Builder"):  # e.g. only tensorrt-stubs installed: a namespace package of .pyi files
+        return None, "the installed tensorrt package has no Builder (only type stubs?)"
     return trt, None
 
 
@@ -639,7 +605,7 @@ def _make_logger(trt: Any, sink: list[str]) -> Any:
         """Forward warnings/errors to stderr and keep them for error messages."""
 
         def __init__(self) -> None:
-            base.__init__(self)
+            super().__init__()
 
         def log(self, severity: Any, msg: str) -> None:
             sev = getattr(trt.ILogger, "Severity", trt.ILogger)
@@ -897,61 +863,23 @@ def run_engine_trtexec(trtexec: str, engine_path: Path, spec: InputSpec, x: np.n
 # --------------------------------------------------------------------------------------------
 # parity and sidecar
 # --------------------------------------------------------------------------------------------
-def _compare(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    try:
-        from .validate import compare  # the lead's implementation when present
-    except ImportError:
-        compare = None
-    if compare is not None:
-        p = compare(reference, other)
-        return {k: float(v) for k, v in (p.to_dict() if hasattr(p, "to_dict") else asdict(p)).items()
-                if isinstance(v, (int, float, np.floating))}
-    a = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
-    b = np.asarray(other, dtype=np.float64).reshape(len(other), -1)
-    if a.shape != b.shape:
-        raise ParityError(f"engine output shape {b.shape} differs from the reference {a.shape}")
-    diff = np.abs(a - b)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-            "cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
-
-
 def parity_ok(figures: dict[str, float], precision: str) -> bool:
     tol = PARITY_TOLERANCES[precision]
     ok = math.isfinite(figures.get("cos_min", float("nan"))) and figures["cos_min"] >= float(tol["cos_min"] or 0)
     if tol.get("max_abs") is not None:
-        ok = ok and figures.get("max_abs", float("inf")) <= float(tol["max_abs"])
+        max_abs = tol["max_abs"]
+        ok = ok and max_abs is not None and figures.get("max_abs", float("inf")) <= float(max_abs)
     return bool(ok)
-
-
-def run_in_batches(run: Any, x: np.ndarray, max_batch: int) -> np.ndarray:
-    return np.concatenate([np.asarray(run(x[i : i + max_batch])) for i in range(0, len(x), max_batch)], axis=0)
 
 
 def _external_data_files(onnx_path: Path) -> list[Path]:
     return [onnx_path.parent / n for n in external_locations(_load_onnx_header(onnx_path))]
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return None  # arrays (reference batches) never go into the sidecar
-    if hasattr(v, "to_dict"):
-        return _jsonable(v.to_dict())
-    return v
-
-
 def write_sidecar(engine_path: str | Path, data: dict[str, Any]) -> Path:
     """Write `<engine>.json` atomically (sorted keys, numpy scalars and Paths converted)."""
     path = Path(str(engine_path) + ".json")
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n")
     return path
 
 
@@ -962,8 +890,14 @@ def sidecar_data(
     meta: dict[str, Any],
     gpu: dict[str, str] | None,
     parity: dict[str, Any] | None,
+    *,
+    engine_name: str | None = None,
+    engine_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """The sidecar record; engine_name/engine_dir: where the engine will live once committed (the
+    file itself may still be staged)."""
     engine_path = result.engine_path
+    engine_dir = engine_dir or engine_path.parent
     external = {p.name: sha256_file(p) for p in _external_data_files(onnx_path) if p.is_file()}
     skip = {"reference_inputs", "reference_outputs"}
     export_meta = {k: v for k, v in meta.items() if k not in skip and not isinstance(v, np.ndarray)}
@@ -973,7 +907,7 @@ def sidecar_data(
     return {
         "format": "itae-export.engine.v1",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "engine": {"file": engine_path.name, "bytes": engine_path.stat().st_size, "sha256": sha256_file(engine_path)},
+        "engine": {"file": engine_name or engine_path.name, "bytes": engine_path.stat().st_size, "sha256": sha256_file(engine_path)},
         "model": meta.get("model") or meta.get("model_name"),
         "img_size": meta.get("img_size"),
         "num_prefix_tokens": meta.get("num_prefix_tokens"),
@@ -991,7 +925,7 @@ def sidecar_data(
         "build_seconds": result.build_seconds,
         "tensorrt_version": result.tensorrt_version,
         "gpu": gpu,
-        "onnx": {"file": _rel(onnx_path, engine_path.parent), "sha256": sha256_file(onnx_path),
+        "onnx": {"file": _rel(onnx_path, engine_dir), "sha256": sha256_file(onnx_path),
                  "external_data_sha256": external},
         "build_script": SCRIPT_NAME,
         "parity": parity,
@@ -1027,80 +961,69 @@ def _make_engine_runner(engine_path: Path, spec: InputSpec, builder: str, trtexe
     raise EngineError(f"no TensorRT runtime to run {engine_path} for the parity check; {INSTALL_HINT}")
 
 
-def build_from_cli(
-    args: argparse.Namespace, onnx_path: str | Path, engine_path: str | Path, meta: dict[str, Any]
-) -> dict[str, Any]:
-    """`itae-export ... --out model.engine`: script, build, parity check, sidecar. Returns a summary.
+def _engine_parity(engine_path: Path, spec: InputSpec, result: EngineBuildResult, options: EngineOptions,
+                   trtexec: str | None, run: RunInfo) -> dict[str, Any]:
+    if run.reference_inputs is None or run.reference_outputs is None:
+        return {"ok": None, "reason": "no reference batch was passed to the engine builder"}
+    runner, runner_name = _make_engine_runner(engine_path, spec, result.builder, trtexec)
+    ref_in = np.asarray(run.reference_inputs)
+    x = ref_in if ref_in.dtype == np.uint8 else ref_in.astype(np.float32)
+    figures = compare(np.asarray(run.reference_outputs), run_batched(runner, x, options.max_batch)).to_dict()
+    return {**figures, "runner": runner_name, "batch": int(len(ref_in)), "reference": "pytorch",
+            "tolerance": PARITY_TOLERANCES[result.precision], "ok": parity_ok(figures, result.precision)}
 
-    Raises UsageError (bad flags), EngineError (no TensorRT / no GPU / build failure; exit 4) or
-    ParityError (engine disagrees with PyTorch; exit 3; engine and sidecar are kept for inspection).
-    """
-    options = EngineOptions.from_args(args)
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    meta = dict(meta or {})
-    spec = read_input_spec(onnx_path)
-    profile_shapes(spec, options)  # validates the profile against a fixed-batch ONNX
 
+def _find_builders(options: EngineOptions) -> tuple[Any, str | None, str | None]:
+    """(tensorrt module or None, why not, trtexec path or None) as --engine-builder allows."""
     trt, trt_why = import_tensorrt()
     trtexec = find_trtexec()
     if options.builder == "python" and trt is None:
         trtexec = None  # python requested: trtexec does not count
     if options.builder == "trtexec":
         trt, trt_why = None, trt_why or "not requested (--engine-builder trtexec)"
+    return trt, trt_why, trtexec
+
+
+def build_engine_artifact(onnx_path: str | Path, engine_out: str | Path, options: EngineOptions, run: RunInfo,
+                          txn: OutputTransaction) -> dict[str, Any]:
+    """Build `engine_out` from the committed `onnx_path` inside the output transaction `txn`, check it
+    against the PyTorch reference in `run`, and commit the engine with its JSON sidecar.
+
+    Raises EngineError (no TensorRT / no GPU / build failure; exit 4; nothing of the engine is
+    written) or ParityError (exit 3; engine and sidecar are kept for inspection).
+    """
+    onnx_path, engine_out = Path(onnx_path), Path(engine_out)
+    spec = read_input_spec(onnx_path)
+    profile_shapes(spec, options)
+    trt, trt_why, trtexec = _find_builders(options)
     gpu = gpu_info()
-
-    # The script is for a GPU machine: its default precision is fp16 unless this machine can tell.
-    script_precision = "fp32" if options.strongly_typed else (options.precision or "fp16")
-    if gpu is not None and options.precision is None and not options.strongly_typed:
-        script_precision = resolve_precision(options, trt, gpu)[0]
-    fp32_nodes = fp32_onnx_nodes(onnx_path) if script_precision in ("fp16", "bf16") else []
-    script = write_build_script(onnx_path, engine_path, spec, options, script_precision, fp32_nodes, meta)
-
+    script = onnx_path.parent / SCRIPT_NAME
     if gpu is None or (trt is None and trtexec is None):
-        raise EngineError(_missing_message(engine_path, script, trt_why if trt is None else None,
+        raise EngineError(_missing_message(engine_out, script, trt_why if trt is None else None,
                                            trtexec is not None, gpu))
+    staged = txn.stage_path(engine_out)
+    meta = run.to_dict()
     if trt is not None:
-        result = build_engine(onnx_path, engine_path, options, meta, gpu=gpu)
+        result = build_engine(onnx_path, staged, options, meta, gpu=gpu)
     else:
         assert trtexec is not None
-        result = build_engine_trtexec(onnx_path, engine_path, options, trtexec=trtexec, gpu=gpu)
-
-    parity: dict[str, Any] | None
-    ref_in, ref_out = meta.get("reference_inputs"), meta.get("reference_outputs")
-    if ref_in is not None and ref_out is not None:
-        run, runner_name = _make_engine_runner(engine_path, spec, result.builder, trtexec)
-        ref_in = np.asarray(ref_in)
-        got = run_in_batches(run, ref_in if ref_in.dtype == np.uint8 else ref_in.astype(np.float32), options.max_batch)
-        figures = _compare(np.asarray(ref_out), got)
-        parity = {
-            **figures,
-            "runner": runner_name,
-            "batch": int(len(ref_in)),
-            "reference": "pytorch",
-            "tolerance": PARITY_TOLERANCES[result.precision],
-            "ok": parity_ok(figures, result.precision),
-        }
-    else:
-        parity = {"ok": None, "reason": "no reference batch was passed to the engine builder"}
-    sidecar = write_sidecar(engine_path, sidecar_data(result, onnx_path, options, meta, gpu, parity))
-    summary = {
-        "engine": str(engine_path),
-        "sidecar": str(sidecar),
-        "build_script": str(script),
-        "precision": result.precision,
-        "builder": result.builder,
-        "tensorrt_version": result.tensorrt_version,
-        "gpu": gpu,
-        "batch_profile": result.profile,
-        "fp32_layers": len(result.fp32_layers),
-        "parity": parity,
-    }
+        result = build_engine_trtexec(onnx_path, staged, options, trtexec=trtexec, gpu=gpu)
+    parity = _engine_parity(staged, spec, result, options, trtexec, run)
+    sidecar = write_sidecar(staged, sidecar_data(result, onnx_path, options, meta, gpu, parity,
+                                                 engine_name=engine_out.name, engine_dir=engine_out.parent))
+    txn.add(staged, engine_out)
+    txn.add(sidecar, Path(str(engine_out) + ".json"))
+    txn.commit()
+    summary = {"engine": str(engine_out), "sidecar": str(engine_out) + ".json", "build_script": str(script),
+               "precision": result.precision, "builder": result.builder,
+               "tensorrt_version": result.tensorrt_version, "gpu": gpu, "batch_profile": result.profile,
+               "fp32_layers": len(result.fp32_layers), "parity": parity}
     if parity.get("ok") is False:
         tol = PARITY_TOLERANCES[result.precision]
         raise ParityError(
-            f"the {result.precision} engine {engine_path} disagrees with PyTorch (cos_min {parity['cos_min']:.6f}, "
+            f"the {result.precision} engine {engine_out} disagrees with PyTorch (cos_min {parity['cos_min']:.6f}, "
             f"max_abs {parity['max_abs']:.3g}; needs cos_min >= {tol['cos_min']}"
             + (f", max_abs <= {tol['max_abs']}" if tol.get("max_abs") is not None else "")
-            + f"); figures are in {sidecar}; try --precision fp32 or keep the precision constraints on"
+            + f"); figures are in {engine_out}.json; try --precision fp32 or keep the precision constraints on"
         )
     return summary

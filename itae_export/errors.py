@@ -1,5 +1,20 @@
-"""Exception families. The CLIs catch ItaeError (and graph_passes' PassError), print the message
-and exit non-zero; every message names the file/flag at fault and what to do."""
+"""The one error family of itae_export, and its exit codes.
+
+Every foreseeable failure is an ItaeError whose message is one sentence naming the file or flag at
+fault and what to do. The CLIs print it and exit with `exit_code`; the Python API raises it.
+
+| exit | meaning |
+|-----:|---------|
+| 0 | success |
+| 1 | unexpected internal error (one line; rerun with --debug for the traceback) |
+| 2 | bad input: a flag, a settings file, a model, weights, data, or a graph the pass refuses |
+| 3 | parity: an artifact disagrees with the PyTorch reference beyond tolerance |
+| 4 | TensorRT or a GPU is missing, or the engine build failed |
+| 5 | the output cannot be written (read-only, full, permissions) |
+| 6 | another process is writing the same output |
+| 130 | interrupted (SIGINT) |
+| 143 | terminated (SIGTERM) |
+"""
 
 from __future__ import annotations
 
@@ -11,11 +26,15 @@ class ItaeError(Exception):
 
 
 class UsageError(ItaeError):
-    """A bad command-line value or combination of flags."""
+    """A bad command-line value, API argument or combination of options."""
+
+
+class SettingsError(UsageError):
+    """A settings value or file is malformed (wrong type, out of range, unreadable)."""
 
 
 class OutputExistsError(ItaeError):
-    """An output path exists and --force was not given."""
+    """An output path exists and force (--force) was not given."""
 
 
 class ModelError(ItaeError):
@@ -24,6 +43,18 @@ class ModelError(ItaeError):
 
 class ExportError(ItaeError):
     """torch -> ONNX export failed."""
+
+
+class GraphError(ItaeError):
+    """A graph pass refused the graph (no matching attention, already patched, unsafe data location)."""
+
+
+class DataError(ItaeError):
+    """A data set folder, image or file is missing, hostile or not in the expected layout."""
+
+
+class DeployError(ItaeError):
+    """A Triton model repository could not be written."""
 
 
 class ParityError(ItaeError):
@@ -38,9 +69,34 @@ class EngineError(ItaeError):
     exit_code = 4
 
 
-class DataError(ItaeError):
-    """A data set folder or file is missing or not in the expected layout."""
+class OutputError(ItaeError):
+    """The output path cannot be written: read-only, full, or no permission."""
+
+    exit_code = 5
 
 
-class DeployError(ItaeError):
-    """A Triton model repository could not be written."""
+class OutputBusyError(ItaeError):
+    """Another process holds the lock on the output path."""
+
+    exit_code = 6
+
+
+class Interrupted(ItaeError):
+    """SIGINT (Ctrl-C)."""
+
+    exit_code = 130
+
+
+class Terminated(ItaeError):
+    """SIGTERM: handled like SIGINT (everything staged is removed)."""
+
+    exit_code = 143
+
+
+class MissingDependencyError(ItaeError):
+    """An optional extra is not installed; the message says which `pip install` gives it."""
+
+
+def graph_error(e: Exception) -> GraphError:
+    """A graph_passes refusal (PassError) as an itae_export error, message unchanged."""
+    return GraphError(str(e))

@@ -15,7 +15,6 @@ Used by `itae-export --fast-path {int8,fused}` (flags added through add_cli_args
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -405,37 +404,24 @@ def format_report(rep: dict[str, Any]) -> str:
     return text + (f": {ok['why']}" if ok["why"] else "")
 
 
-# ------------------------------------------------------------------------------------- CLI hook
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for `itae-export` (the CLI picks them up like the engine/Triton modules')."""
-    g = parser.add_argument_group(
-        "fast CPU path (ONNX Runtime)",
-        "--fast-path int8: dynamic int8 quantization of the MatMuls outside the final block (ITAE and the "
-        "final block stay fp32). --fast-path fused: exact fp32, the attention of every block but the final "
-        "one fused into com.microsoft.MultiHeadAttention. --out gets the fast model, <stem>.fp32.onnx the "
-        "portable fp32 one.")
-    g.add_argument("--fast-path", choices=FAST_PATHS, default="none", help="CPU fast path (default none)")
-    g.add_argument("--int8-weights", choices=("per-channel", "per-tensor"), default=None,
-                   help="with --fast-path int8: one weight scale per output column (default) or per matrix")
-    g.add_argument("--fast-path-eval-images", type=int, default=200, metavar="N",
-                   help="sklearn digits images for the fast path's accuracy report (default 200)")
-
-
-def fp32_path(onnx_out: str | Path) -> Path:
-    p = Path(onnx_out)
-    return p.with_name(p.stem + ".fp32.onnx")
-
-
-def keep_fp32_copy(onnx_path: Path, fp32: Path) -> None:
-    """Rename the staged fp32 model (and its external data, re-pointed) to `fp32` in the same folder."""
-    m = onnx.load(str(onnx_path), load_external_data=False)
+# ------------------------------------------------------------------------------------- staging helpers
+def move_model(src: Path, dst: Path) -> Path:
+    """Rename a staged model and its one external data file (re-pointed to `<dst name>.data`) to
+    `dst` in the same folder; weights are never loaded."""
+    m = onnx.load(str(src), load_external_data=False)
     loc = _single_data_file(m)
     if loc:
-        new = fp32.name + ".data"
-        os.replace(onnx_path.parent / loc, fp32.parent / new)
+        new = dst.name + ".data"
+        os.replace(src.parent / loc, dst.parent / new)
         _relocate(m, loc, new)
-    onnx.save_model(m, str(fp32))
-    onnx_path.unlink()
+    onnx.save_model(m, str(dst))
+    if src != dst:
+        src.unlink()
+    return dst
+
+
+def add_accuracy_metadata(onnx_path: Path, report: dict[str, Any]) -> None:
+    add_metadata(onnx_path, {META_ACCURACY: accuracy_json(report)})
 
 
 def _single_data_file(model: onnx.ModelProto) -> str | None:

@@ -20,24 +20,23 @@ existing ONNX file (applying the options in the copy it deploys) or engine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DeployError, ItaeError, UsageError
-from .fileio import atomic_write_text
+from .errors import DeployError, UsageError
+from .fileio import atomic_write_text, sha256_file
+from .graph_options import GraphOptions, apply_graph_options_proto
+from .jsonable import jsonable
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
-INPUT_FORMATS = ("float32-nchw", "uint8-nhwc")
 DEFAULT_MAX_BATCH = 8
 PROVENANCE_FILE = "itae_export.json"
 _MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
@@ -115,185 +114,6 @@ class TritonRepoResult:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------ graph options
-
-
-@dataclass(frozen=True)
-class GraphOptions:
-    input_format: str | None = None  # None: as the model is; "uint8-nhwc" adds the uint8 input
-    l2_normalize: bool = False
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    def __post_init__(self) -> None:
-        if self.input_format not in (None, *INPUT_FORMATS):
-            raise UsageError(
-                f"--input-format {self.input_format!r}: choose one of {', '.join(INPUT_FORMATS)}"
-            )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> GraphOptions:
-        return cls(getattr(args, "input_format", None), bool(getattr(args, "l2_normalize", False)))
-
-    @property
-    def any(self) -> bool:
-        return self.input_format == "uint8-nhwc" or self.l2_normalize
-
-
-def apply_graph_options_proto(model, opts: GraphOptions):
-    """Apply `opts` to an onnx.ModelProto (weights may be unloaded) -> (model, {pass: result dict}).
-
-    Idempotent: a pass already recorded in the model's metadata is not applied again, and an explicit
-    float32-nchw request on a model that already takes uint8 is refused.
-    """
-    from graph_passes.preprocess import (
-        L2_NORMALIZE_KEY,
-        UINT8_INPUT_KEY,
-        PreprocessPassError,
-        add_l2_normalize,
-        add_uint8_nhwc_input,
-        applied_passes,
-    )
-
-    done = applied_passes(model)
-    record: dict[str, Any] = {}
-    if opts.input_format == "uint8-nhwc":
-        if UINT8_INPUT_KEY in done:
-            record["uint8_nhwc_input"] = {**done[UINT8_INPUT_KEY], "already_applied": True}
-        else:
-            try:
-                model, res = add_uint8_nhwc_input(model, opts.mean, opts.std)
-            except PreprocessPassError as e:
-                raise UsageError(f"--input-format uint8-nhwc: {e}") from e
-            record["uint8_nhwc_input"] = res.to_dict()
-    elif opts.input_format == "float32-nchw" and UINT8_INPUT_KEY in done:
-        raise UsageError(
-            "--input-format float32-nchw: this model already takes uint8 NHWC pixels "
-            "(built with --input-format uint8-nhwc); drop the flag or deploy the float model"
-        )
-    if opts.l2_normalize:
-        if L2_NORMALIZE_KEY in done:
-            record["l2_normalize"] = {**done[L2_NORMALIZE_KEY], "already_applied": True}
-        else:
-            try:
-                model, res = add_l2_normalize(model)
-            except PreprocessPassError as e:
-                raise UsageError(f"--l2-normalize: {e}") from e
-            record["l2_normalize"] = res.to_dict()
-    return model, record
-
-
-def apply_graph_options(
-    onnx_path_in: str | Path, onnx_path_out: str | Path, args: argparse.Namespace | GraphOptions
-) -> Path:
-    """Apply --input-format / --l2-normalize to an ONNX file; return the ONNX path to use from now on.
-
-    Returns `onnx_path_in` (nothing written) when no option asks for a change or the graph already
-    has them (recorded in its metadata). Otherwise
-    writes `onnx_path_out` (weights are not loaded: if it sits in another directory the external
-    .data files are copied beside it; put it beside the input to share them). Call it after the ITAE
-    pass and before building a TensorRT engine, then build the engine from the returned path.
-    """
-    import onnx
-
-    from graph_passes.preprocess import save_model
-
-    opts = args if isinstance(args, GraphOptions) else GraphOptions.from_args(args)
-    src = Path(onnx_path_in)
-    if not opts.any and opts.input_format is None:
-        return src
-    out = Path(onnx_path_out)
-    if out.resolve() == src.resolve():
-        raise UsageError(f"graph options: the output {out} is the input ONNX; inputs are never modified")
-    model = onnx.load(str(src), load_external_data=False)
-    model, record = apply_graph_options_proto(model, opts)
-    if all(r.get("already_applied") for r in record.values()):
-        return src  # nothing changed (options absent or already in the graph)
-    try:
-        return save_model(model, out, source_path=src)
-    except (FileNotFoundError, FileExistsError) as e:
-        raise DeployError(f"writing {out}: {e}") from e
-
-
-def reference_batch(
-    args: argparse.Namespace | GraphOptions,
-    reference_fn,
-    *,
-    batch: int,
-    height: int,
-    width: int,
-    seed: int = 0,
-):
-    """Inputs and expected outputs for a graph built with the graph options, for parity checks of the
-    rewritten ONNX or of an engine built from it: (inputs, outputs) as numpy arrays.
-
-    `reference_fn` maps ImageNet-normalised float32 NCHW to embeddings (e.g. the PyTorch ITAE reference).
-    uint8-nhwc: inputs are random uint8 [B, H, W, 3] pixels, normalised in float64 for the reference;
-    else random normal float32 NCHW. --l2-normalize: outputs are L2-normalised like the graph does.
-    """
-    import numpy as np
-
-    opts = args if isinstance(args, GraphOptions) else GraphOptions.from_args(args)
-    rng = np.random.default_rng(seed)
-    if opts.input_format == "uint8-nhwc":
-        inputs = rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
-        mean = np.reshape(opts.mean, (1, 3, 1, 1))
-        std = np.reshape(opts.std, (1, 3, 1, 1))
-        x = ((inputs.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std).astype(np.float32)
-    else:
-        inputs = x = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
-    outputs = np.asarray(reference_fn(x))
-    if opts.l2_normalize:
-        norm = np.linalg.norm(outputs.astype(np.float64), axis=-1, keepdims=True)
-        outputs = (outputs / np.maximum(norm, 1e-12)).astype(outputs.dtype)
-    return inputs, outputs
-
-
-def verify_graph_options(
-    onnx_before: str | Path, onnx_after: str | Path, *, batch: int = 2, seed: int = 0
-) -> dict[str, float]:
-    """ONNX Runtime check that `onnx_after` == `onnx_before` fed the same pixels normalised in NumPy
-    (float64) and, if applied, L2-normalised in NumPy. Returns max_abs and cos_min."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
-    from graph_passes.preprocess import L2_NORMALIZE_KEY, UINT8_INPUT_KEY, applied_passes
-
-    after_model = onnx.load(str(onnx_after), load_external_data=False)
-    before_model = onnx.load(str(onnx_before), load_external_data=False)
-    done = {k: v for k, v in applied_passes(after_model).items() if k not in applied_passes(before_model)}
-    providers = ["CPUExecutionProvider"]
-    s_before = ort.InferenceSession(str(onnx_before), providers=providers)
-    s_after = ort.InferenceSession(str(onnx_after), providers=providers)
-    rng = np.random.default_rng(seed)
-    i_after = s_after.get_inputs()[0]
-    if UINT8_INPUT_KEY in done:
-        rec = done[UINT8_INPUT_KEY]
-        h, w = rec["height"], rec["width"]
-        px = rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
-        mean = np.reshape(rec["mean"], (1, 3, 1, 1))
-        std = np.reshape(rec["std"], (1, 3, 1, 1))
-        x_before = (px.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std
-        x_after = px
-    else:
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in s_before.get_inputs()[0].shape]
-        x_before = rng.normal(size=shape)
-        x_after = None
-    dt = np.float16 if "float16" in s_before.get_inputs()[0].type else np.float32
-    x_before = x_before.astype(dt)
-    if x_after is None:
-        x_after = x_before
-    ref = s_before.run(None, {s_before.get_inputs()[0].name: x_before})[0].astype(np.float64)
-    got = s_after.run(None, {i_after.name: x_after})[0].astype(np.float64)
-    if L2_NORMALIZE_KEY in done:
-        ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), done[L2_NORMALIZE_KEY]["eps"])
-    cos = np.sum(ref * got, axis=-1) / np.maximum(
-        np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1), 1e-30
-    )
-    return {"max_abs": float(np.max(np.abs(ref - got))), "cos_min": float(np.min(cos))}
-
-
 # --------------------------------------------------------------------------------------- reading IO
 
 
@@ -355,16 +175,6 @@ def _cc_string(value: Any) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_engine_sidecar(path: Path) -> dict[str, Any]:
     """IO, compute capability and profile max batch of an engine, from its JSON sidecar.
 
@@ -407,7 +217,7 @@ def read_engine_sidecar(path: Path) -> dict[str, Any]:
                 "which is missing; keep that ONNX where it was, or rebuild the engine"
             )
         want = data["onnx"].get("sha256")
-        if want and _sha256(onnx_path) != want:
+        if want and sha256_file(onnx_path) != want:
             raise DeployError(
                 f"{onnx_path} changed since the engine was built (sha256 differs from {path}); "
                 "rebuild the engine from the current ONNX"
@@ -585,7 +395,7 @@ def _incompatibilities(cfg, platform: str, max_batch: int, ins, outs) -> list[st
 
 # ------------------------------------------------------------------------------------ writing repos
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
 
 
 def _existing_versions(model_dir: Path) -> list[int]:
@@ -784,7 +594,7 @@ def write_triton_repo(
             "source": str(src.resolve()),
             "platform": platform,
             "graph_options": record,
-            "meta": _jsonable(meta or {}),
+            "meta": jsonable(meta or {}),
             "engine_sidecar": str(sidecar) if sidecar else None,
         }
         (stage / PROVENANCE_FILE).write_text(
@@ -803,21 +613,6 @@ def write_triton_repo(
         platform=platform, max_batch=max_batch, inputs=ins, outputs=outs, config_written=config_written,
         files=[version_dir / f.relative_to(stage) for f in files], graph_options=record, notes=notes,
     )  # fmt: skip
-
-
-def _jsonable(v: Any) -> Any:
-    """Provenance values: arrays (the CLI's reference batches) are left out, numpy scalars converted."""
-    import numpy as np
-
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items() if not isinstance(x, np.ndarray)}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, str | int | float | bool) or v is None:
-        return v
-    return str(v)
 
 
 def _has_l2(metadata: dict[str, str]) -> bool:
@@ -881,69 +676,36 @@ def _rename_into_place(stage: Path, model_dir: Path) -> int:
     raise DeployError(f"{model_dir}: could not claim a new version number")
 
 
-# --------------------------------------------------------------------------------------- CLI hooks
+# ------------------------------------------------------------------------------------ deployment options
 
 
-def _add(group, parser: argparse.ArgumentParser, flag: str, **kw) -> None:
-    # another feature (e.g. the TensorRT engine's --max-batch) may define the same flag: share it
-    if flag not in parser._option_string_actions:  # noqa: SLF001 - argparse has no public lookup
-        group.add_argument(flag, **kw)
+@dataclass(frozen=True)
+class TritonOptions:
+    """Where and how to deploy; validated on construction (before any export work starts)."""
 
+    repo: Path
+    model_name: str | None = None  # default: the DINOv2 model name, '_itae' appended when ITAE is on
+    max_batch: int | None = None  # default: the engine profile's max, else 8; 0: no batching
+    instance_kind: str | None = None  # default: KIND_CPU for --fast-path models, else KIND_GPU
+    instances: int = 1
+    platform: str | None = None  # default: from the file suffix
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Triton deployment")
-    _add(
-        g,
-        parser,
-        "--triton-repo",
-        metavar="DIR",
-        default=None,
-        help="add the result as a new version of a Triton model repository DIR/NAME (config.pbtxt written "
-        "if absent, kept if compatible; existing versions are never changed)",
-    )
-    _add(
-        g,
-        parser,
-        "--model-name",
-        metavar="NAME",
-        default=None,
-        help="Triton model name (default: the DINOv2 model name, '_itae' appended when ITAE is on)",
-    )
-    _add(
-        g,
-        parser,
-        "--max-batch",
-        metavar="N",
-        type=int,
-        default=None,
-        help=f"Triton max_batch_size with dynamic batching (default: the engine's profile max, else {DEFAULT_MAX_BATCH}; 0: off)",
-    )
-    _add(
-        g,
-        parser,
-        "--input-format",
-        choices=INPUT_FORMATS,
-        default=None,
-        help="uint8-nhwc: the graph takes raw uint8 [B,H,W,3] RGB pixels and normalises them itself "
-        "(default: float32-nchw, ImageNet-normalised [B,3,H,W])",
-    )
-    _add(
-        g,
-        parser,
-        "--l2-normalize",
-        action="store_true",
-        help="add x / max(||x||, eps) on the embedding (unit vectors for cosine search)",
-    )
-    _add(
-        g,
-        parser,
-        "--instance-kind",
-        choices=INSTANCE_KINDS,
-        default=None,
-        help="Triton instance_group kind (default KIND_GPU; KIND_CPU for a --fast-path model, which is "
-        "tuned for ONNX Runtime on CPU; KIND_CPU is for ONNX only)",
-    )
-    _add(g, parser, "--instances", metavar="N", type=int, default=1, help="Triton instance_group count")  # fmt: skip
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repo", Path(self.repo))
+        if self.repo.exists() and not self.repo.is_dir():
+            raise UsageError(f"--triton-repo {self.repo} is a file; give a folder (created if missing)")
+        if self.model_name is not None and not _NAME_RE.match(self.model_name):
+            raise UsageError(f"--model-name {self.model_name!r}: use letters, digits, '_', '-', '.' "
+                             "(a folder name: no path separators, spaces or newlines)")
+        if self.instance_kind is not None and self.instance_kind not in INSTANCE_KINDS:
+            raise UsageError(f"--instance-kind {self.instance_kind!r}: choose one of {', '.join(INSTANCE_KINDS)}")
+        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+            raise UsageError(f"--instances must be an integer >= 1, got {self.instances!r}")
+        mb = self.max_batch
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 0):
+            raise UsageError(f"--max-batch must be an integer >= 0 (0: no batching), got {mb!r}")
+        if self.platform is not None and self.platform not in PLATFORMS:
+            raise UsageError(f"--platform {self.platform!r}: choose one of {', '.join(PLATFORMS)}")
 
 
 def default_instance_kind(meta: dict[str, Any] | None) -> str:
@@ -963,29 +725,26 @@ def default_model_name(meta: dict[str, Any] | None, model_path: str | Path) -> s
     return name
 
 
-def deploy_from_cli(
-    args: argparse.Namespace, model_path: str | Path, meta: dict[str, Any] | None
-) -> TritonRepoResult | None:
-    """After the export (and engine build): add `model_path` to --triton-repo; None when not asked.
+def deploy(model_path: str | Path, opts: TritonOptions, *, graph_options: GraphOptions | None = None,
+           meta: dict[str, Any] | None = None) -> TritonRepoResult:
+    """Add `model_path` (ONNX or engine) as a new version of `opts.repo/NAME`.
 
-    For an ONNX path, graph options not yet applied (apply_graph_options) are applied in the deployed
-    copy; for an engine they must already be in it (checked where the engine's IO shows it).
+    For an ONNX path, graph options not yet applied are applied in the deployed copy; for an engine
+    they must already be in it (checked where the engine's IO shows it). meta: the export's RunInfo
+    record, else what the artifact itself records (ONNX metadata / engine sidecar).
     """
-    if not getattr(args, "triton_repo", None):
-        return None
+    path = Path(model_path)
+    meta = meta if meta is not None else (meta_from_model(path) or None)
     return write_triton_repo(
-        model_path,
-        args.triton_repo,
-        model_name=getattr(args, "model_name", None) or default_model_name(meta, model_path),
-        max_batch=getattr(args, "max_batch", None),
-        instance_kind=getattr(args, "instance_kind", None) or default_instance_kind(meta),
-        instance_count=getattr(args, "instances", 1) or 1,
-        graph_options=GraphOptions.from_args(args),
-        meta=meta,
-    )
+        path, opts.repo,
+        model_name=opts.model_name or default_model_name(meta, path),
+        max_batch=opts.max_batch, platform=opts.platform,
+        instance_kind=opts.instance_kind or default_instance_kind(meta),
+        instance_count=opts.instances, graph_options=graph_options or GraphOptions(), meta=meta,
+    )  # fmt: skip
 
 
-def _meta_from_model(path: Path) -> dict[str, Any]:
+def meta_from_model(path: Path) -> dict[str, Any]:
     """Model name, image size and ITAE settings recorded by itae-export (ONNX metadata / engine sidecar)."""
     meta: dict[str, Any] = {}
     try:
@@ -1004,38 +763,3 @@ def _meta_from_model(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}  # unreadable: write_triton_repo reports the file itself
     return meta
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m itae_export.triton",
-        description="Add an existing ONNX model or TensorRT engine to a Triton model repository.",
-    )
-    p.add_argument(
-        "model", help="MODEL.onnx (its .data beside it) or MODEL.plan/.engine (JSON sidecar beside it)"
-    )
-    p.add_argument("--platform", choices=PLATFORMS, default=None, help="default: from the file suffix")
-    add_cli_args(p)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = p.parse_args(argv)
-    try:
-        if not args.triton_repo:
-            raise UsageError("--triton-repo DIR is required")
-        model = Path(args.model)
-        meta = _meta_from_model(model)
-        res = write_triton_repo(
-            model, args.triton_repo,
-            model_name=args.model_name or default_model_name(meta, model),
-            max_batch=args.max_batch, platform=args.platform,
-            instance_kind=args.instance_kind or default_instance_kind(meta),
-            instance_count=args.instances, graph_options=GraphOptions.from_args(args), meta=meta or None,
-        )  # fmt: skip
-    except ItaeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps(res.to_dict(), indent=2) if args.json else res.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

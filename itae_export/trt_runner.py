@@ -27,10 +27,11 @@ _PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionPro
 
 
 def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt  # type: ignore[import-not-found]
-    except (ImportError, OSError) as e:
-        raise EngineError(f"cannot run TensorRT engines: the tensorrt package does not import ({e}); {INSTALL_HINT}") from e
+    from .engine import import_tensorrt
+
+    trt, why = import_tensorrt()
+    if trt is None:
+        raise EngineError(f"cannot run TensorRT engines: the tensorrt package does not import ({why}); {INSTALL_HINT}")
     return trt
 
 

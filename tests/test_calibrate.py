@@ -98,7 +98,7 @@ def test_histogram_png(tmp_path: Path) -> None:
 
 def test_calibrate_cli_reports_no_valley_on_a_random_model(tmp_path: Path, capsys) -> None:
     pytest.importorskip("timm")
-    from itae_export.eval_cli import calibrate_main
+    from itae_export.cli.eval_cmd import calibrate_main
 
     out = tmp_path / "settings.json"
     argv = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56", "--dataset", "digits"]
@@ -164,7 +164,7 @@ def test_calibrate_cli_writes_settings_that_itae_eval_accepts(tmp_path: Path, mo
     from conftest import planted_artifact_model
 
     import itae_export.models
-    from itae_export.eval_cli import calibrate_main, eval_main
+    from itae_export.cli.eval_cmd import calibrate_main, eval_main
 
     model, _, _ = planted_artifact_model()
     monkeypatch.setattr(itae_export.models, "build_model", lambda *a, **k: model)

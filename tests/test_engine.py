@@ -27,6 +27,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from itae_export import engine as eng
+from itae_export.cli.engine_args import add_engine_args, engine_options_from_args
+from itae_export.outputs import OutputTransaction
+from itae_export.results import RunInfo
 from itae_export.errors import EngineError, ParityError, UsageError
 
 GPU = {"name": "Fake GPU 9000", "compute_capability": "9.0"}
@@ -84,8 +87,28 @@ def tiny(tmp_path: Path) -> Path:
 
 def cli_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    eng.add_cli_args(p)
+    add_engine_args(p)
     return p.parse_args(argv)
+
+
+def write_script(onnx_path, engine_path, spec, opts, precision, nodes, model=None) -> Path:
+    script = Path(onnx_path).parent / eng.SCRIPT_NAME
+    script.write_text(eng.build_script_text(Path(onnx_path), Path(engine_path), spec, opts, precision, nodes, model))
+    script.chmod(0o755)
+    return script
+
+
+def build_from_args(argv: list[str], onnx_path: Path, engine_path: Path, meta: dict) -> dict:
+    """What itae-export does for --out *.engine: the build script beside the ONNX, then the engine and
+    its sidecar in one output transaction."""
+    opts = engine_options_from_args(cli_args(argv))
+    eng.stage_build_script(onnx_path, onnx_path, engine_path, opts, onnx_path.parent / eng.SCRIPT_NAME)
+    run = RunInfo(model=meta.get("model", ""), img_size=meta.get("img_size", 0),
+                  num_prefix_tokens=meta.get("num_prefix_tokens", 1), itae=meta.get("itae"), exporter="dynamo",
+                  parity=meta.get("parity", {}), reference_inputs=meta.get("reference_inputs"),
+                  reference_outputs=meta.get("reference_outputs"))
+    with OutputTransaction(engine_path, extra=[Path(str(engine_path) + ".json")]) as txn:
+        return eng.build_engine_artifact(onnx_path, engine_path, opts, run, txn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,13 +368,13 @@ def test_bad_options_are_usage_errors(kwargs, flag):
 def test_options_from_cli(tmp_path):
     args = cli_args(["--precision", "bf16", "--min-batch", "2", "--opt-batch", "4", "--max-batch", "16",
                      "--workspace", "1024", "--timing-cache", str(tmp_path / "tc.bin"), "--allow-tf32"])
-    o = eng.EngineOptions.from_args(args)
+    o = engine_options_from_args(args)
     assert (o.precision, o.min_batch, o.opt_batch, o.max_batch, o.workspace_mib) == ("bf16", 2, 4, 16, 1024)
     assert o.timing_cache == tmp_path / "tc.bin" and o.allow_tf32 and o.precision_constraints
-    d = eng.EngineOptions.from_args(cli_args([]))
+    d = engine_options_from_args(cli_args([]))
     assert d.precision is None and (d.min_batch, d.opt_batch, d.max_batch) == (1, 8, 32)
     with pytest.raises(UsageError):
-        eng.EngineOptions.from_args(cli_args(["--opt-batch", "64"]))  # > default max 32
+        engine_options_from_args(cli_args(["--opt-batch", "64"]))  # > default max 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +457,7 @@ def test_build_script_runs_with_fake_trtexec(tiny, tmp_path, fake_trtexec):
     out = tmp_path / "engines" / "model.engine"
     spec = eng.read_input_spec(tiny)
     opts = eng.EngineOptions(opt_batch=2, max_batch=4, timing_cache=tmp_path / "caches" / "t.cache")
-    script = eng.write_build_script(tiny, out, spec, opts, "fp16", eng.fp32_onnx_nodes(tiny), {"model": "tiny"})
+    script = write_script(tiny, out, spec, opts, "fp16", eng.fp32_onnx_nodes(tiny), "tiny")
     assert script == tiny.parent / "build_engine.sh" and os.access(script, os.X_OK)
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text and "# " in text
@@ -452,14 +475,14 @@ def test_build_script_runs_with_fake_trtexec(tiny, tmp_path, fake_trtexec):
 
 def test_build_script_without_trtexec_fails_clearly(tiny, tmp_path):
     spec = eng.read_input_spec(tiny)
-    script = eng.write_build_script(tiny, tmp_path / "m.engine", spec, eng.EngineOptions(), "fp32", [])
+    script = write_script(tiny, tmp_path / "m.engine", spec, eng.EngineOptions(), "fp32", [])
     r = subprocess.run([str(script)], env={"PATH": "/usr/bin:/bin", "TRTEXEC": "no-such-trtexec"},
                        capture_output=True, text=True)
     assert r.returncode == 4 and "trtexec not found" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
-# build_from_cli error paths (no TensorRT / no GPU)
+# build_from_args error paths (no TensorRT / no GPU)
 # ----------------------------------------------------------------------------------------------
 def test_no_tensorrt_no_trtexec_is_one_sentence_engine_error(tiny, tmp_path, monkeypatch):
     no_tensorrt(monkeypatch)
@@ -467,7 +490,7 @@ def test_no_tensorrt_no_trtexec_is_one_sentence_engine_error(tiny, tmp_path, mon
     monkeypatch.setattr(eng, "gpu_info", lambda: GPU)
     out = tmp_path / "model.engine"
     with pytest.raises(EngineError) as ei:
-        eng.build_from_cli(cli_args([]), tiny, out, {"model": "tiny"})
+        build_from_args([], tiny, out, {"model": "tiny"})
     msg, script = str(ei.value), tmp_path / "build_engine.sh"
     assert ei.value.exit_code == 4
     assert script.is_file() and str(script) in msg
@@ -482,14 +505,14 @@ def test_no_gpu_is_engine_error_even_with_trtexec(tiny, tmp_path, monkeypatch, f
     monkeypatch.setattr(eng, "find_trtexec", lambda: str(fake_trtexec[0]))
     monkeypatch.setattr(eng, "gpu_info", lambda: None)
     with pytest.raises(EngineError, match="no NVIDIA GPU") as ei:
-        eng.build_from_cli(cli_args(["--precision", "fp32"]), tiny, tmp_path / "m.engine", {})
+        build_from_args(["--precision", "fp32"], tiny, tmp_path / "m.engine", {})
     assert "build_engine.sh" in str(ei.value) and not fake_trtexec[1].exists()  # trtexec never called
 
 
 def test_bad_profile_is_usage_error_before_anything(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(eng, "gpu_info", lambda: pytest.fail("must not probe the GPU for bad flags"))
     with pytest.raises(UsageError):
-        eng.build_from_cli(cli_args(["--min-batch", "9", "--max-batch", "4"]), tiny, tmp_path / "m.engine", {})
+        build_from_args(["--min-batch", "9", "--max-batch", "4"], tiny, tmp_path / "m.engine", {})
     assert not (tmp_path / "build_engine.sh").exists()
 
 
@@ -571,15 +594,15 @@ def test_tensorrt_11_has_no_weak_typing(tiny, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# build_from_cli end to end with fakes: sidecar and parity
+# build_from_args end to end with fakes: sidecar and parity
 # ----------------------------------------------------------------------------------------------
 def _meta(x: np.ndarray, y: np.ndarray) -> dict:
     return {"model": "dinov2_vits14", "img_size": H, "num_prefix_tokens": 1,
             "itae": {"norm_source": "v", "threshold": None, "relative_threshold": 2.0},
-            "parity": {"onnxruntime": {"cos_min": 1.0}}, "reference_inputs": x, "reference_outputs": y}
+            "parity": {"cos_min": 1.0}, "reference_inputs": x, "reference_outputs": y}
 
 
-def test_build_from_cli_writes_sidecar(tmp_path, fake_trt, monkeypatch):
+def test_build_from_args_writes_sidecar(tmp_path, fake_trt, monkeypatch):
     onnx_path = make_onnx(tmp_path / "model.onnx", external=True)
     monkeypatch.setattr(eng, "gpu_info", lambda: GPU)
     x = np.random.default_rng(0).normal(size=(5, 3, H, W)).astype(np.float32)
@@ -593,8 +616,8 @@ def test_build_from_cli_writes_sidecar(tmp_path, fake_trt, monkeypatch):
         return run, "fake-runner"
 
     monkeypatch.setattr(eng, "_make_engine_runner", fake_runner)
-    args = cli_args(["--opt-batch", "2", "--max-batch", "2", "--timing-cache", str(tmp_path / "tc")])
-    summary = eng.build_from_cli(args, onnx_path, tmp_path / "model.engine", _meta(x, y))
+    argv = ["--opt-batch", "2", "--max-batch", "2", "--timing-cache", str(tmp_path / "tc")]
+    summary = build_from_args(argv, onnx_path, tmp_path / "model.engine", _meta(x, y))
     assert seen == [2, 2, 1]  # reference batch split by --max-batch
     side = json.loads((tmp_path / "model.engine.json").read_text())
     assert summary["sidecar"] == str(tmp_path / "model.engine.json") and summary["precision"] == "fp16"
@@ -611,7 +634,7 @@ def test_build_from_cli_writes_sidecar(tmp_path, fake_trt, monkeypatch):
     assert p["ok"] is True and p["batch"] == 5 and p["runner"] == "fake-runner"
     assert 0 < p["max_abs"] < 2e-5 and p["cos_min"] > 0.99999
     assert side["fp32_layers"]["count"] == 6 and side["timing_cache"]["reused"] is False
-    assert "reference_inputs" not in json.dumps(side) and side["export"]["parity"]["onnxruntime"]["cos_min"] == 1.0
+    assert "reference_inputs" not in json.dumps(side) and side["export"]["parity_onnxruntime"]["cos_min"] == 1.0
     assert (tmp_path / "build_engine.sh").is_file()
 
 
@@ -622,7 +645,7 @@ def test_parity_failure_keeps_sidecar_and_raises(tiny, tmp_path, fake_trt, monke
     wrong = np.random.default_rng(2).normal(size=y.shape).astype(np.float32)
     monkeypatch.setattr(eng, "_make_engine_runner", lambda *a: ((lambda b: wrong[: len(b)]), "fake-runner"))
     with pytest.raises(ParityError) as ei:
-        eng.build_from_cli(cli_args(["--precision", "fp32"]), tiny, tmp_path / "model.engine", _meta(x, y))
+        build_from_args(["--precision", "fp32"], tiny, tmp_path / "model.engine", _meta(x, y))
     assert ei.value.exit_code == 3 and "model.engine.json" in str(ei.value)
     side = json.loads((tmp_path / "model.engine.json").read_text())
     assert side["parity"]["ok"] is False and side["precision"] == "fp32"
@@ -634,7 +657,7 @@ def test_trtexec_fallback_build_and_parity(tiny, tmp_path, monkeypatch, fake_trt
     monkeypatch.setattr(eng, "find_trtexec", lambda: str(exe))
     monkeypatch.setattr(eng, "gpu_info", lambda: GPU)
     x = np.random.default_rng(3).normal(size=(3, 3, H, W)).astype(np.float32)
-    summary = eng.build_from_cli(cli_args(["--max-batch", "8"]), tiny, tmp_path / "model.engine",
+    summary = build_from_args(["--max-batch", "8"], tiny, tmp_path / "model.engine",
                                  _meta(x, reference_fn(x)))
     side = json.loads((tmp_path / "model.engine.json").read_text())
     assert side["builder"] == "trtexec" and side["tensorrt_version"] == "10.3.0"

@@ -34,8 +34,10 @@ def _gpu() -> dict[str, str]:
 # (pytest sets up wider-scoped fixtures first).
 @pytest.fixture(scope="module")
 def needs_trt() -> None:
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip('TensorRT Python package not installed (pip install -e ".[trt]")')
+    from itae_export.engine import import_tensorrt
+
+    if import_tensorrt()[0] is None:
+        pytest.skip(f'TensorRT Python package not usable ({import_tensorrt()[1]}; pip install -e ".[trt]")')
     _gpu()
 
 
@@ -121,16 +123,19 @@ def test_fp16_engine_matches_pytorch_and_kmeans(needs_trt, vits, tmp_path):
     assert adjusted_rand_score(a, b) == 1.0, (a, b)  # identical assignments (up to label names)
 
 
-def test_build_from_cli_on_gpu_writes_sidecar(needs_trt, vits, tmp_path):
+def test_build_engine_artifact_on_gpu_writes_sidecar(needs_trt, vits, tmp_path):
     from itae_export import engine as eng
 
     onnx_path, x, ref, _ = vits
-    p = argparse.ArgumentParser()
-    eng.add_cli_args(p)
-    args = p.parse_args(["--precision", "fp16", "--max-batch", "16", "--opt-batch", "8"])
+    from itae_export.outputs import OutputTransaction
+    from itae_export.results import RunInfo
+
+    opts = eng.EngineOptions(precision="fp16", max_batch=16, opt_batch=8)
     engine_path = onnx_path.parent / "cli.engine"
-    summary = eng.build_from_cli(args, onnx_path, engine_path,
-                                 {"model": "dinov2_vits14", "img_size": IMG, "reference_inputs": x, "reference_outputs": ref})
+    run = RunInfo(model="dinov2_vits14", img_size=IMG, num_prefix_tokens=1, itae=None, exporter="dynamo",
+                  reference_inputs=x, reference_outputs=ref)
+    with OutputTransaction(engine_path, extra=[onnx_path.parent / "cli.engine.json"]) as txn:
+        summary = eng.build_engine_artifact(onnx_path, engine_path, opts, run, txn)
     side = json.loads((onnx_path.parent / "cli.engine.json").read_text())
     assert summary["parity"]["ok"] is True and side["parity"]["cos_min"] >= 0.999
     assert side["gpu"]["name"] and side["tensorrt_version"][0].isdigit()

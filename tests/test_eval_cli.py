@@ -13,7 +13,7 @@ pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 
 from graph_passes.config import ITAEConfig  # noqa: E402
-from itae_export.eval_cli import eval_main  # noqa: E402
+from itae_export.cli.eval_cmd import eval_main  # noqa: E402
 
 MODEL = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56"]
 # gamma 1.1 flags a good share of a random model's patches, so ITAE visibly changes the embedding.

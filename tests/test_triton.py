@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,16 +17,9 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
 from itae_export.errors import DeployError, UsageError
-from itae_export.triton import (
-    GraphOptions,
-    add_cli_args,
-    apply_graph_options,
-    default_model_name,
-    deploy_from_cli,
-    main,
-    verify_graph_options,
-    write_triton_repo,
-)
+from itae_export.cli.triton_args import triton_main as main
+from itae_export.graph_options import GraphOptions, apply_graph_options, verify_graph_options
+from itae_export.triton import TritonOptions, default_model_name, deploy, write_triton_repo
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2",
@@ -250,28 +244,34 @@ def test_plan_without_sidecar_or_tensorrt(tmp_path: Path, monkeypatch: pytest.Mo
         write_triton_repo(eng, tmp_path / "repo", model_name="trt")
 
 
-def test_cli_hooks(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max-batch", type=int, default=32)  # e.g. defined first by the engine builder
-    add_cli_args(parser)
-    args = parser.parse_args([])
-    assert args.max_batch == 32 and args.triton_repo is None and args.input_format is None
-    assert deploy_from_cli(args, tmp_path / "x.onnx", {}) is None
+def test_deploy_with_options(tmp_path: Path) -> None:
     src = save_tiny(tmp_path / "e" / "m.onnx")
-    args = parser.parse_args(["--triton-repo", str(tmp_path / "repo"), "--max-batch", "2", "--l2-normalize"])
+    opts = TritonOptions(repo=tmp_path / "repo", max_batch=2)
     meta = {"model": "dinov2_vits14", "img_size": 14, "itae": {"norm_source": "v"}}
-    res = deploy_from_cli(args, src, meta)
+    res = deploy(src, opts, graph_options=GraphOptions(None, True), meta=meta)
     assert res.model_dir.name == "dinov2_vits14_itae" == default_model_name(meta, src)
     assert parse(res.config_path).max_batch_size == 2 and "ITAE:" in res.config_path.read_text()
     out = run(res.version_dir / "model.onnx", np.ones((1, 3, H, W), np.float32))
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"model_name": "a/b"}, "--model-name"), ({"model_name": "x\ny"}, "--model-name"), ({"model_name": "abc\n"}, "--model-name"),
+    ({"model_name": ".."}, "--model-name"), ({"instances": 0}, "--instances"), ({"instances": True}, "--instances"),
+    ({"max_batch": -1}, "--max-batch"), ({"instance_kind": "KIND_TPU"}, "--instance-kind"),
+    ({"platform": "tf"}, "--platform"),
+])
+def test_triton_options_refused_up_front(tmp_path: Path, kwargs, flag) -> None:
+    with pytest.raises(UsageError, match=re.escape(flag)):
+        TritonOptions(repo=tmp_path / "repo", **kwargs)
+    assert not (tmp_path / "repo").exists()
+
+
 def test_apply_graph_options_files(tmp_path: Path) -> None:
     src = save_tiny(tmp_path / "m.onnx")
-    ns = argparse.Namespace(input_format=None, l2_normalize=False)
+    ns = GraphOptions(None, False)
     assert apply_graph_options(src, tmp_path / "o.onnx", ns) == src and not (tmp_path / "o.onnx").exists()
-    ns = argparse.Namespace(input_format="uint8-nhwc", l2_normalize=True)
+    ns = GraphOptions("uint8-nhwc", True)
     out = apply_graph_options(src, tmp_path / "m.deploy.onnx", ns)
     assert out == tmp_path / "m.deploy.onnx"
     parity = verify_graph_options(src, out)
@@ -283,7 +283,7 @@ def test_apply_graph_options_files(tmp_path: Path) -> None:
     )
     with pytest.raises(UsageError, match="float32-nchw"):
         apply_graph_options(
-            out, tmp_path / "f.onnx", argparse.Namespace(input_format="float32-nchw", l2_normalize=False)
+            out, tmp_path / "f.onnx", GraphOptions("float32-nchw", False)
         )
     with pytest.raises(UsageError, match="input ONNX"):
         apply_graph_options(src, src, ns)

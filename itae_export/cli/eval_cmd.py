@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import add_itae_args, itae_config_from_args
-from .errors import OutputExistsError, UsageError
+from ..errors import OutputExistsError, UsageError
+from .common import add_itae_args, itae_config_from_args, make_parser
 
 # --------------------------------------------------------------------------------------------- options
 
@@ -36,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_limit: int | None) -> None:
-    from .data import DATASETS
+    from ..data import DATASETS
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, choices=DATASETS)
@@ -70,7 +70,7 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_limit: int | None) -> 
 
 
 def _load_data(args):
-    from .data import Preprocess, load_dataset
+    from ..data import Preprocess, load_dataset
 
     t0 = time.perf_counter()
     ds = load_dataset(args.dataset, args.data_root, args.split, coarse=args.coarse).subset(
@@ -86,8 +86,8 @@ def _load_data(args):
 
 
 def _build(args):
-    from .embed import model_identity
-    from .models import build_model, find_weights, get_spec
+    from ..embed import model_identity
+    from ..models import build_model, find_weights, get_spec
 
     t0 = time.perf_counter()
     embedder = build_model(
@@ -130,10 +130,10 @@ def _environment() -> dict:
 def _run_cli(fn, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """The CLIs' shared error handling (itae_export.cli): "PROG: error: ..." on stderr and the error
     family's exit code."""
-    from .cli import _run_cli as run_cli
+    from .common import run_command
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_cli(lambda args: fn(args, argv), parser, argv)
+    return run_command(parser.prog, parser, lambda args: fn(args, argv), argv)
 
 
 def _pct(v: float | None) -> str:
@@ -144,7 +144,7 @@ def _pct(v: float | None) -> str:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = make_parser(
         prog="itae-eval",
         description="k-means clustering of DINOv2 CLS features, baseline vs ITAE, on PyTorch and exported backends; "
         "writes report.md and report.json.",
@@ -202,10 +202,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def _recorded_itae(onnx_ident: dict) -> dict | None:
     """The ITAE settings the graph pass wrote into the model's metadata (None: not an ITAE model)."""
-    try:
-        from graph_passes.match import META_SETTINGS_KEY
-    except ImportError:
-        META_SETTINGS_KEY = "itae.settings"
+    from graph_passes.match import META_SETTINGS_KEY
+
     raw = onnx_ident.get("metadata", {}).get(META_SETTINGS_KEY)
     if raw is None:
         return None
@@ -219,7 +217,7 @@ def _check_onnx_settings(path: str, cfg_dict: dict | None, flag: str) -> None:
     """Refuse a model that does not match the PyTorch run it is compared with: an ITAE model exported
     with other settings, a baseline given as --onnx, or an ITAE model given as --onnx-baseline. The
     comparison would otherwise measure the settings, not the backend."""
-    from .embed import onnx_identity
+    from ..embed import onnx_identity
 
     recorded = _recorded_itae(onnx_identity(path))
     if cfg_dict is None and recorded is not None:
@@ -264,8 +262,8 @@ def _check_engine_settings(path: str, cfg_dict: dict) -> dict | None:
 
 
 def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
-    from .cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
-    from .embed import (
+    from ..cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
+    from ..embed import (
         EmbeddingCache,
         get_embeddings,
         onnx_backend,
@@ -273,7 +271,7 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
         torch_baseline_backend,
         torch_itae_backend,
     )
-    from .fileio import atomic_write_text
+    from ..fileio import atomic_write_text
 
     t_start = time.perf_counter()
     report_dir = Path(args.report_dir)
@@ -386,8 +384,8 @@ def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path) -> list[Path]:
     """Attention before/after ITAE for the first --viz images, and their patch-length histogram."""
     import torch
 
-    from .reference import last_block_stats
-    from .viz import attention_figures, plot_norm_histogram
+    from ..reference import last_block_stats
+    from ..viz import attention_figures, plot_norm_histogram
 
     n = min(args.viz, len(ds))
     x = np.stack([pre(ds.load(i)) for i in range(n)])
@@ -491,7 +489,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = make_parser(
         prog="itae-calibrate",
         description="Find ITAE's absolute threshold at the valley of the histogram of patch-token lengths in the last "
         "block, and save it as a settings file for --settings.",
@@ -515,7 +513,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
 
 
 def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
-    from .calibrate import (
+    from ..calibrate import (
         calibrated_config,
         check_lengths,
         collect_patch_lengths,
@@ -523,10 +521,10 @@ def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
         length_summary,
         write_settings,
     )
-    from .data import iter_batches
-    from .errors import DataError
-    from .fileio import check_output_path
-    from .viz import plot_norm_histogram
+    from ..data import iter_batches
+    from ..errors import DataError
+    from ..fileio import check_output_path
+    from ..viz import plot_norm_histogram
 
     out = check_output_path(args.out, force=args.force, inputs=(args.settings, args.weights))
     plot = check_output_path(

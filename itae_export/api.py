@@ -1,0 +1,78 @@
+"""The public Python API. Each function takes typed arguments, validates all of them before any work
+starts, and returns a result object (or raises one ItaeError with a one-sentence message)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from graph_passes.config import ITAEConfig
+
+from .errors import MissingDependencyError
+from .graph_options import GraphOptions
+from .patching import inspect, patch
+from .results import ExportResult
+
+_DEFAULT = object()
+
+
+def require_torch() -> None:
+    """Exporting needs PyTorch and timm (the [torch] extra); say so in one sentence if missing."""
+    missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"exporting needs {' and '.join(missing)}, which are not installed; run "
+            "pip install 'itae-export[torch]' (on a machine without a GPU, install the CPU build of torch first: "
+            "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+
+
+def export(model: str, out: str | Path, *, weights: str | Path | None = None, random_weights: bool = False,
+           seed: int = 0, img_size: int = 224, itae: Any = _DEFAULT, exporter: str = "dynamo",
+           opset: int | None = None, validate: bool = True, validate_batch: int = 4, force: bool = False,
+           fast_path: str = "none", int8_weights: str = "per-channel", fast_path_eval_images: int = 200,
+           graph_options: GraphOptions | None = None, engine: Any = None, triton: Any = None,
+           depth: int | None = None) -> ExportResult:
+    """Export `model` (a catalogue name, e.g. "dinov2_vitl14") to `out` (.onnx, or .engine/.plan)
+    with ITAE in its final attention block (`itae=None`: the baseline), validated against PyTorch.
+
+    engine: an itae_export.engine.EngineOptions for engine outputs; triton: an
+    itae_export.triton.TritonOptions to add the result to a Triton model repository.
+    """
+    from .pipeline import ExportRequest, run_export
+
+    req = ExportRequest(
+        model=model, out=Path(out), weights=Path(weights) if weights is not None else None,
+        random_weights=random_weights, seed=seed, img_size=img_size,
+        itae=ITAEConfig() if itae is _DEFAULT else itae, exporter=exporter, opset=opset, validate=validate,
+        validate_batch=validate_batch, force=force, fast_path=fast_path, int8_weights=int8_weights,
+        fast_path_eval_images=fast_path_eval_images, graph_options=graph_options or GraphOptions(),
+        engine=engine, triton=triton, depth=depth)
+    require_torch()
+    return run_export(req)
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Any = None, *, force: bool = False):
+    """Build a TensorRT engine from an itae-export ONNX (needs TensorRT and a GPU); returns the build
+    summary. The parity check runs when the ONNX's reference batch is unknown only as a smoke run."""
+    from .engine import EngineOptions, build_engine_artifact
+    from .outputs import OutputTransaction
+    from .results import RunInfo
+
+    opts = options or EngineOptions()
+    out = Path(engine_path)
+    run = RunInfo(model="", img_size=0, num_prefix_tokens=0, itae=None, exporter="")
+    with OutputTransaction(out, extra=[Path(str(out) + ".json")], inputs=[Path(onnx_path)], force=force) as txn:
+        return build_engine_artifact(Path(onnx_path), out, opts, run, txn)
+
+
+def deploy_triton(model_path: str | Path, triton: Any, *, graph_options: GraphOptions | None = None):
+    """Add an ONNX model or engine to a Triton model repository (a new version); `triton` is a
+    itae_export.triton.TritonOptions."""
+    from .triton import deploy
+
+    return deploy(Path(model_path), triton, graph_options=graph_options)
+
+
+__all__ = ["ITAEConfig", "GraphOptions", "build_engine", "deploy_triton", "export", "inspect", "patch",
+           "require_torch"]

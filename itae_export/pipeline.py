@@ -1,0 +1,399 @@
+"""`itae-export` as a pipeline of named steps, top to bottom:
+
+    ExportRequest (validated before any work)
+      -> build_torch_model      torch DINOv2 embedder (catalogue + weights)
+      -> reference_figures      PyTorch ITAE reference outputs on the validation inputs
+      -> export_graph           torch -> ONNX, in the output transaction's staging folder
+      -> apply_pass             the ITAE graph pass (graph_passes.itae)
+      -> validate_graph         ONNX Runtime vs the PyTorch reference
+      -> apply_deploy_options   uint8 NHWC input / L2 output, checked against NumPy
+      -> make_fast_path         int8 / fused CPU model + its accuracy report
+      -> commit                 one commit of every file (itae_export.outputs)
+      -> build_engine_step      TensorRT engine + sidecar (its own transaction)
+      -> deploy_triton_step     a new Triton model version
+
+Every step takes typed inputs and returns typed outputs; nothing here sees argparse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graph_passes.config import ITAEConfig
+from graph_passes.errors import PassError
+
+from .errors import ParityError, UsageError, graph_error
+from .graph_options import GraphOptions
+from .outputs import OutputTransaction
+from .results import ExportResult, RunInfo
+from .settings import (
+    EXPORTERS,
+    MAX_VALIDATE_BATCH,
+    check_choice,
+    check_exporter_opset,
+    check_img_size,
+    check_int,
+)
+
+log = logging.getLogger("itae_export")
+
+ENGINE_SUFFIXES = (".engine", ".plan")
+FAST_PATHS = ("none", "fused", "int8")
+INT8_WEIGHTS = ("per-channel", "per-tensor")
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything `export()` needs; validated on construction, before any work starts."""
+
+    model: str
+    out: Path
+    weights: Path | None = None
+    random_weights: bool = False
+    seed: int = 0
+    img_size: int = 224
+    itae: ITAEConfig | None = field(default_factory=ITAEConfig)
+    exporter: str = "dynamo"
+    opset: int | None = None
+    validate: bool = True
+    validate_batch: int = 4
+    force: bool = False
+    fast_path: str = "none"
+    int8_weights: str = "per-channel"
+    fast_path_eval_images: int = 200
+    graph_options: GraphOptions = field(default_factory=GraphOptions)
+    engine: Any = None  # EngineOptions; defaults to EngineOptions() for an .engine/.plan output
+    triton: Any = None  # TritonOptions, or None for no deployment
+    depth: int | None = None  # reduced-depth random models (tests)
+
+    def __post_init__(self) -> None:
+        from .catalogue import CATALOGUE
+
+        object.__setattr__(self, "out", Path(self.out))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", Path(self.weights))
+        if self.model not in CATALOGUE:
+            raise UsageError(f"model {self.model!r} is not in the catalogue; choose one of {', '.join(CATALOGUE)}")
+        spec = CATALOGUE[self.model]
+        check_int(self.seed, "--seed", lo=0, hi=2**32 - 1)
+        check_int(self.validate_batch, "--validate-batch", lo=1, hi=MAX_VALIDATE_BATCH)
+        check_img_size(self.img_size, heads=spec.num_heads, batch=self.validate_batch)
+        check_choice(self.exporter, "--exporter", EXPORTERS)
+        object.__setattr__(self, "opset", check_exporter_opset(self.exporter, self.opset))
+        if self.depth is not None:
+            check_int(self.depth, "--depth", lo=1, hi=spec.depth)
+        if self.weights is not None and self.random_weights:
+            raise UsageError("--weights and --random-weights exclude each other; drop one")
+        if self.itae is not None and not isinstance(self.itae, ITAEConfig):
+            raise UsageError(f"itae must be an ITAEConfig or None, got {type(self.itae).__name__}")
+        self._check_outputs()
+        self._check_fast_path()
+
+    def _check_outputs(self) -> None:
+        from .engine import EngineOptions
+
+        if self.out.suffix not in ENGINE_SUFFIXES + (".onnx",):
+            raise UsageError(f"--out {self.out}: use a .onnx path, or .engine/.plan to build a TensorRT engine")
+        if self.is_engine and self.engine is None:
+            object.__setattr__(self, "engine", EngineOptions())
+        if not self.is_engine and self.engine is not None:
+            raise UsageError(f"engine options apply to an .engine/.plan --out only, not {self.out.name}; "
+                             "drop them or write an engine")
+        if self.engine is not None and not isinstance(self.engine, EngineOptions):
+            raise UsageError(f"engine must be an EngineOptions, got {type(self.engine).__name__}")
+        if not isinstance(self.graph_options, GraphOptions):
+            raise UsageError(f"graph_options must be a GraphOptions, got {type(self.graph_options).__name__}")
+
+    def _check_fast_path(self) -> None:
+        check_choice(self.fast_path, "--fast-path", FAST_PATHS)
+        check_choice(self.int8_weights, "--int8-weights", INT8_WEIGHTS)
+        check_int(self.fast_path_eval_images, "--fast-path-eval-images", lo=10, hi=1797)
+        if self.fast_path == "none":
+            return
+        flag = f"--fast-path {self.fast_path}"
+        if self.is_engine:
+            raise UsageError(f"{flag} is an ONNX Runtime CPU path; for --out *.engine use TensorRT's "
+                             "precision flags instead, or write a .onnx")
+        if self.graph_options.any:
+            raise UsageError(f"{flag} cannot be combined with --input-format uint8-nhwc / --l2-normalize yet")
+        if self.itae is None or not self.validate:
+            raise UsageError(f"{flag} needs the ITAE model and its validation; drop --no-itae/--skip-validation")
+
+    @property
+    def is_engine(self) -> bool:
+        return self.out.suffix in ENGINE_SUFFIXES
+
+    @property
+    def onnx_out(self) -> Path:
+        return self.out.with_suffix(".onnx") if self.is_engine else self.out
+
+    @property
+    def fp32_out(self) -> Path | None:
+        if self.fast_path == "none":
+            return None
+        return self.onnx_out.with_name(self.onnx_out.stem + ".fp32.onnx")
+
+    @property
+    def weights_label(self) -> str:
+        return f"random(seed={self.seed})" if self.random_weights else (self.weights.name if self.weights else "cache")
+
+
+@dataclass
+class Reference:
+    """PyTorch figures computed before the torch model is freed."""
+
+    inputs: np.ndarray
+    outputs: np.ndarray
+    flag_stats: dict | None = None
+    deploy: tuple[np.ndarray, np.ndarray] | None = None  # inputs/outputs as the graph options see them
+    digits: tuple[np.ndarray, np.ndarray] | None = None  # fast-path eval images and their fp32 outputs
+
+
+# ------------------------------------------------------------------------------------------ steps
+def build_torch_model(req: ExportRequest):
+    from .models import build_model
+
+    src = "with seeded random weights" if req.random_weights else f"from {req.weights or 'the weight caches'}"
+    log.info(f"[1/4] building {req.model} at {req.img_size}px {src}")
+    return build_model(req.model, weights=req.weights, random_weights=req.random_weights, seed=req.seed,
+                       img_size=req.img_size, depth=req.depth)
+
+
+def random_inputs(n: int, img_size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, img_size, img_size)).astype(np.float32)
+
+
+def reference_figures(model, req: ExportRequest) -> Reference:
+    import torch
+
+    from .reference import ITAEReference, last_block_stats
+    from .runtime import run_batched
+
+    cfg = req.itae
+    x = random_inputs(req.validate_batch, req.img_size, req.seed)
+    reference = (ITAEReference(model, cfg) if cfg is not None else model).eval()
+
+    def run(a: np.ndarray) -> np.ndarray:
+        return reference(torch.from_numpy(a)).numpy()
+
+    ref = Reference(x, run(x))
+    if cfg is not None:
+        ref.flag_stats = last_block_stats(model, torch.from_numpy(x), cfg)
+    if req.graph_options.any:
+        from .graph_options import reference_batch
+
+        ref.deploy = reference_batch(req.graph_options, run, batch=req.validate_batch, height=req.img_size,
+                                     width=req.img_size, seed=req.seed)
+    if req.fast_path != "none":
+        from .fastpath import digits_eval_inputs
+
+        digits = digits_eval_inputs(req.img_size, req.fast_path_eval_images, seed=0)[0]
+        ref.digits = (digits, run_batched(run, digits))
+    return ref
+
+
+def export_graph(model, req: ExportRequest, staged: Path) -> Path:
+    from .export import export_onnx
+
+    t0 = time.perf_counter()
+    log.info(f"[2/4] exporting with the {req.exporter} exporter ...")
+    export_onnx(model, staged, img_size=req.img_size, exporter=req.exporter, opset=req.opset)
+    log.info(f"      exported in {time.perf_counter() - t0:.1f} s")
+    return staged
+
+
+def run_metadata(req: ExportRequest, num_prefix: int) -> dict[str, str]:
+    from graph_passes import metadata as md
+
+    return md.export_metadata(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
+                              exporter=req.exporter, weights=req.weights_label)
+
+
+def apply_pass(onnx_path: Path, req: ExportRequest, num_prefix: int):
+    """The ITAE pass on the staged ONNX (weights stay on disk); None for --no-itae."""
+    import onnx
+
+    from graph_passes import metadata as md
+    from graph_passes.itae import apply_itae
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    meta = run_metadata(req, num_prefix)
+    result = None
+    if req.itae is None:
+        md.set_metadata_props(proto, meta)
+        log.info("[3/4] --no-itae: graph left unpatched")
+    else:
+        t0 = time.perf_counter()
+        try:
+            proto, result = apply_itae(proto, req.itae, num_prefix_tokens=num_prefix, metadata=meta)
+        except PassError as e:
+            raise graph_error(e) from e
+        log.info(f"[3/4] ITAE pass ({time.perf_counter() - t0:.2f} s): {json.dumps(req.itae.to_dict(), sort_keys=True)}")
+        for line in result.summary().splitlines():
+            log.info("      " + line)
+    onnx.save_model(proto, str(onnx_path))
+    onnx.checker.check_model(str(onnx_path))
+    return result
+
+
+def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
+    """ONNX Runtime vs the PyTorch reference; raises ParityError beyond tolerance."""
+    from .runtime import OrtRunner
+    from .validate import compare
+
+    if not req.validate:
+        log.info("[4/4] validation skipped (--skip-validation)")
+        return None, None
+    t0 = time.perf_counter()
+    parity = compare(ref.outputs, OrtRunner(onnx_path).run(ref.inputs))
+    flagged = None
+    text = ""
+    if ref.flag_stats is not None:
+        flags = ref.flag_stats["flagged"]
+        npre = ref.flag_stats["num_prefix_tokens"]
+        flagged = int(flags.sum())
+        total = flags[..., npre:].size
+        text = f"; {flagged} of {total} patch-token norm{'s' if total != 1 else ''} flagged"
+    what = "ITAE reference" if req.itae is not None else "model"
+    log.info(f"[4/4] ONNX Runtime vs PyTorch {what} on {req.validate_batch} random images: {parity}{text} "
+             f"({time.perf_counter() - t0:.1f} s)")
+    if not parity.ok():
+        other = "torchscript" if req.exporter == "dynamo" else "dynamo"
+        raise ParityError(f"parity check failed ({parity}); nothing was written; re-run with --exporter {other} "
+                          "or report a bug")
+    return parity, flagged
+
+
+def apply_deploy_options(onnx_path: Path, ref: Reference, req: ExportRequest) -> Reference:
+    """uint8 NHWC input / L2 output after the float parity check; checked against NumPy."""
+    from .graph_options import apply_graph_options, verify_graph_options
+
+    if not req.graph_options.any:
+        return ref
+    tmp = onnx_path.with_name("graphopt-" + onnx_path.name)
+    new = Path(apply_graph_options(onnx_path, tmp, req.graph_options))
+    if new == onnx_path:
+        return ref
+    fig = verify_graph_options(onnx_path, new)
+    log.info(f"      graph options: ONNX Runtime vs NumPy preprocessing: cosine min {fig['cos_min']:.7f}, "
+             f"max abs diff {fig['max_abs']:.2e}")
+    if fig["cos_min"] < 0.99999:
+        raise ParityError(f"graph options changed the output ({fig}); nothing was written; report a bug")
+    from .fastpath import move_model
+
+    move_model(new, onnx_path)
+    assert ref.deploy is not None
+    return Reference(ref.deploy[0], ref.deploy[1], ref.flag_stats)
+
+
+def make_fast_path(onnx_path: Path, fp32_staged: Path, ref: Reference, req: ExportRequest) -> dict | None:
+    from . import fastpath as fp
+
+    if req.fast_path == "none":
+        return None
+    t0 = time.perf_counter()
+    fp.move_model(onnx_path, fp32_staged)
+    if req.fast_path == "int8":
+        fp.quantize_int8(fp32_staged, onnx_path, per_channel=req.int8_weights != "per-tensor")
+    else:
+        fused = fp.fuse_model(fp32_staged, onnx_path)
+        log.info(f"      fused the attention of {len(fused['fused'])} blocks into MultiHeadAttention "
+                 f"(the final block's Softmax {fused['kept_final']} left as it is)")
+    assert ref.digits is not None
+    report = fp.accuracy_report((ref.outputs, ref.digits[1]), onnx_path, ref.inputs, ref.digits[0], k=fp.EVAL_K,
+                                seed=0, fast_path=fp.FAST_PATH_VALUES[req.fast_path])
+    if req.fast_path == "fused" and report["validation"]["cos_min"] < fp.FUSED_MIN_COSINE:
+        raise ParityError(f"the fused model is not exact (cosine min {report['validation']['cos_min']:.7f} < "
+                          f"{fp.FUSED_MIN_COSINE}); nothing was written; drop --fast-path or report a bug")
+    fp.add_accuracy_metadata(onnx_path, report)
+    log.info(f"      fast path {req.fast_path} ({time.perf_counter() - t0:.1f} s): {fp.format_report(report)}")
+    return report
+
+
+def build_engine_step(req: ExportRequest, onnx_path: Path, run: RunInfo, txn: OutputTransaction) -> dict:
+    from .engine import build_engine_artifact
+
+    summary = build_engine_artifact(onnx_path, req.out, req.engine, run, txn)
+    for k in ("engine", "sidecar", "precision", "parity"):
+        if k in summary:
+            log.info(f"      {k}: {summary[k]}")
+    return summary
+
+
+def deploy_triton_step(req: ExportRequest, model_path: Path, run: RunInfo):
+    from .triton import deploy
+
+    res = deploy(model_path, req.triton, graph_options=req.graph_options, meta=run.to_dict())
+    log.info(res.summary())
+    return res
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_export(req: ExportRequest) -> ExportResult:
+    """Run the whole pipeline; every output lands in one commit, or nothing does."""
+    t_start = time.perf_counter()
+    extra = [p for p in (req.fp32_out,) if p is not None]
+    if req.is_engine:
+        from .engine import SCRIPT_NAME
+
+        extra.append(req.onnx_out.parent / SCRIPT_NAME)
+    with contextlib.ExitStack() as stack:
+        engine_txn = None
+        if req.is_engine:
+            engine_txn = stack.enter_context(
+                OutputTransaction(req.out, extra=[Path(str(req.out) + ".json")], force=req.force))
+        txn = stack.enter_context(OutputTransaction(req.onnx_out, extra=extra, force=req.force))
+        run, files = _onnx_phase(req, txn)
+        engine = build_engine_step(req, req.onnx_out, run, engine_txn) if engine_txn is not None else None
+    final = req.out if req.is_engine else req.onnx_out
+    triton = deploy_triton_step(req, final, run) if req.triton is not None else None
+    result = ExportResult(request=req, run=run, files=files, engine=engine, triton=triton,
+                          seconds=time.perf_counter() - t_start)
+    log.info(result.summary())
+    return result
+
+
+def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, list[Path]]:
+    import torch
+
+    torch.set_grad_enabled(False)
+    model = build_torch_model(req)
+    num_prefix = int(model.num_prefix_tokens)
+    ref = reference_figures(model, req)
+    staged = export_graph(model, req, txn.stage_path(req.onnx_out))
+    del model
+    gc.collect()
+    pass_result = apply_pass(staged, req, num_prefix)
+    parity, flagged = validate_graph(staged, ref, req)
+    ref = apply_deploy_options(staged, ref, req)
+    fp32_staged = txn.stage_path(req.fp32_out) if req.fp32_out is not None else None
+    fast = make_fast_path(staged, fp32_staged, ref, req) if fp32_staged is not None else None
+    if req.is_engine:
+        _stage_build_script(req, staged, txn)
+    txn.add(staged, req.onnx_out)
+    if fp32_staged is not None:
+        txn.add(fp32_staged, req.fp32_out)
+    files = txn.commit()
+    run = RunInfo(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
+                  itae=req.itae.to_dict() if req.itae is not None else None, exporter=req.exporter,
+                  parity=parity.to_dict() if parity is not None else {}, flagged=flagged,
+                  pass_result=pass_result, fast_path=fast, reference_inputs=ref.inputs,
+                  reference_outputs=ref.outputs)
+    return run, files
+
+
+def _stage_build_script(req: ExportRequest, staged_onnx: Path, txn: OutputTransaction) -> None:
+    from .engine import SCRIPT_NAME, stage_build_script
+
+    script = txn.stage_path(req.onnx_out.parent / SCRIPT_NAME)
+    stage_build_script(staged_onnx, req.onnx_out, req.out, req.engine, script)
+    txn.add(script, req.onnx_out.parent / SCRIPT_NAME)
