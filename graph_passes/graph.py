@@ -3,6 +3,7 @@ constants, opset-aware op emission and a stable topological sort. Pure onnx + nu
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -192,8 +193,6 @@ def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.Node
         deps.append(d)
         for j in d:
             users.setdefault(j, []).append(i)
-    import heapq
-
     ready = [i for i, d in enumerate(deps) if not d]
     heapq.heapify(ready)
     order: list[int] = []
@@ -287,25 +286,54 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
     return sorted(locs)
 
 
-def resolve_external_location(base_dir: str | Path, location: str) -> Path:
+def resolve_external_location(base_dir: str | Path, location: str, model_file: str | Path | None = None) -> Path:
     """The file an external-data `location` names, checked by ONNX Runtime's rule: relative, no '..'
-    component, and (symlinks followed) inside `base_dir`. Raises UnsafeLocationError otherwise."""
+    component, no drive or ':', and (symlinks followed, '\\' read both as a character and as a separator)
+    inside `base_dir`; not a folder, not `model_file` itself. Raises UnsafeLocationError otherwise."""
     base = Path(base_dir).resolve()
-    rel = PurePosixPath(location.replace("\\", "/"))
-    if not location or rel.is_absolute() or location.startswith(("/", "\\")) or ":" in rel.parts[0] \
-            or ".." in rel.parts or "\x00" in location:
+    forms = [PurePosixPath(loc) for loc in dict.fromkeys((location, location.replace("\\", "/")))]
+    if not location.strip() or "\x00" in location or ":" in location or location.startswith(("/", "\\")) \
+            or any(r.is_absolute() or ".." in r.parts or not r.parts for r in forms):
         raise UnsafeLocationError(
-            f"external-data location {location!r} is not a plain relative path inside the model's folder "
-            "(absolute paths and '..' are refused); re-save the model with its .data file beside it")
-    target = (base / rel).resolve()
-    if target != base and base not in target.parents:
+            f"external-data location {location!r} is not a plain relative path inside the model's folder (empty, "
+            "absolute, drive-letter and '..' paths are refused); re-save the model with its .data file beside it")
+    try:
+        targets = [(base / r).resolve() for r in forms]
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise UnsafeLocationError(f"external-data location {location!r} cannot be resolved ({e}); "
+                                  "replace the link with the data file") from None
+    if any(base not in t.parents for t in targets):
         raise UnsafeLocationError(
             f"external-data location {location!r} resolves outside the model's folder {base} (through a "
             "symlink); copy the data file into that folder instead of linking it")
+    target = targets[0]
+    if model_file is not None and target == Path(model_file).resolve():
+        raise UnsafeLocationError(f"external-data location {location!r} is the .onnx file itself; "
+                                  "re-save the model with a separate .data file")
+    if target.exists() and not target.is_file():
+        raise UnsafeLocationError(f"external-data location {location!r} is a folder or a special file, not a "
+                                  "regular file inside the model's folder; re-save the model with its .data file")
     return target
 
 
-def check_external_data(model: onnx.ModelProto, base_dir: str | Path) -> list[Path]:
-    """Resolve every external-data location of `model` safely (see resolve_external_location);
-    returns the files, in the order of external_locations."""
-    return [resolve_external_location(base_dir, loc) for loc in external_locations(model)]
+def check_external_data(model: onnx.ModelProto, base_dir: str | Path, *,
+                        model_file: str | Path | None = None) -> list[Path]:
+    """Resolve every external-data location of `model` safely (see resolve_external_location), looking
+    at every tensor anywhere in the model (initializers, sparse tensors, attributes, functions, subgraphs);
+    returns the files in sorted-location order, as external_locations lists them."""
+    walk = ("GraphProto", "NodeProto", "AttributeProto", "TensorProto", "SparseTensorProto", "FunctionProto",
+            "ModelProto", "TrainingInfoProto")
+    stack, locs = [model], set()
+    while stack:
+        m = stack.pop()
+        if isinstance(m, TensorProto):  # its raw_data is never touched
+            if m.data_location == TensorProto.EXTERNAL:
+                locs.update(kv.value for kv in m.external_data if kv.key == "location")
+            continue
+        for field, value in m.ListFields():
+            if field.message_type is not None and field.message_type.name in walk:
+                if hasattr(value, "ListFields"):  # a single message, else a repeated field
+                    stack.append(value)
+                else:
+                    stack.extend(value)
+    return [resolve_external_location(base_dir, loc, model_file) for loc in sorted(locs)]

@@ -6,8 +6,7 @@ the expected layout when the folder is not it. sklearn's bundled digits need no 
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .safe_io import open_image_rgb, read_text_checked, safe_pickle_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,11 +84,7 @@ class ImageDataset:
     def load(self, i: int) -> Image.Image:
         item = self.images[i]
         if isinstance(item, Path):
-            try:
-                with Image.open(item) as im:
-                    return im.convert("RGB")
-            except OSError as e:
-                raise DataError(f"cannot read image {item}: {e}") from e
+            return open_image_rgb(item)
         return Image.fromarray(np.asarray(item))
 
     def subset(self, limit: int | None, seed: int = 0) -> ImageDataset:
@@ -137,15 +133,10 @@ def _check_split(dataset: str, split: str) -> None:
 
 
 def _unpickle(path: Path, dataset: str) -> dict:
-    if not path.is_file():
+    """A CIFAR batch through the restricted unpickler (numpy arrays and plain data only)."""
+    if not path.exists():
         raise DataError(f"{path} is missing; {dataset} expects {LAYOUTS[dataset]}")
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as e:  # any unpickling failure means a wrong or damaged file
-        raise DataError(
-            f"{path} is not a CIFAR python pickle batch ({e}); expected {LAYOUTS[dataset]}"
-        ) from e
+    obj = safe_pickle_load(path, "CIFAR python pickle batch")
     if not isinstance(obj, dict):
         raise DataError(f"{path} does not hold a dict batch; expected {LAYOUTS[dataset]}")
     # The official batches have bytes keys; accept str keys too (re-pickled copies).
@@ -153,16 +144,37 @@ def _unpickle(path: Path, dataset: str) -> dict:
 
 
 def _cifar_images(batch: dict, path: Path, dataset: str) -> np.ndarray:
-    data = np.asarray(batch.get("data"))
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+    data = batch.get("data")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
+            or data.dtype.kind not in "ui" or (data.size and (data.min() < 0 or data.max() > 255)):
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(
-            f"{path}: 'data' must be [N, 3072] uint8 (3x32x32, channel-major); got shape {data.shape}"
+            f"{path}: 'data' must be a [N, 3072] uint8 array (3x32x32, channel-major), got {got}; "
+            f"expected {LAYOUTS[dataset]}"
         )
     return data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
-def _names(values: Sequence) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _cifar_labels(batch: dict, key: str, path: Path, n: int) -> np.ndarray:
+    """Integer labels in 0..n-1 under `key`, else DataError naming the file and key."""
+    values = batch[key]
+    labels = np.asarray(values) if isinstance(values, (list, tuple, np.ndarray)) else np.zeros((0, 0))
+    if labels.ndim != 1 or labels.dtype.kind not in "ui" or (labels.size and (labels.min() < 0 or labels.max() >= n)):
+        raise DataError(f"{path}: '{key}' must be a list of integers in 0..{n - 1}; replace the file")
+    return labels.astype(np.int64)
+
+
+def _names(meta: Path, dataset: str, key: str, n: int) -> list[str]:
+    """Class names from a meta pickle; a missing file gives '0'..'n-1', a wrong one a DataError."""
+    if not meta.is_file():
+        return [str(i) for i in range(n)]
+    values = _unpickle(meta, dataset).get(key)
+    if not isinstance(values, (list, tuple)) or len(values) != n or not all(isinstance(v, (bytes, str)) for v in values):
+        raise DataError(f"{meta}: '{key}' must be a list of {n} names; replace the file or delete it")
+    try:
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
+    except UnicodeDecodeError:
+        raise DataError(f"{meta}: '{key}' holds names that are not UTF-8; replace the file or delete it") from None
 
 
 def load_cifar10(root: Path, split: str = "test") -> ImageDataset:
@@ -177,11 +189,8 @@ def load_cifar10(root: Path, split: str = "test") -> ImageDataset:
                 f"{p} has no 'labels' entry; is it a CIFAR-100 file? expected {LAYOUTS['cifar10']}"
             )
         images.append(_cifar_images(b, p, "cifar10"))
-        labels.append(np.asarray(b["labels"]))
-    meta = d / "batches.meta"
-    classes = (
-        _names(_unpickle(meta, "cifar10")["label_names"]) if meta.is_file() else [str(i) for i in range(10)]
-    )
+        labels.append(_cifar_labels(b, "labels", p, 10))
+    classes = _names(d / "batches.meta", "cifar10", "label_names", 10)
     return ImageDataset("cifar10", split, np.concatenate(images), np.concatenate(labels), classes, d)
 
 
@@ -195,13 +204,9 @@ def load_cifar100(root: Path, split: str = "test", *, coarse: bool = False) -> I
         raise DataError(
             f"{d / split} has no '{key}' entry; is it a CIFAR-10 file? expected {LAYOUTS['cifar100']}"
         )
-    labels = np.asarray(b[key])
     n = 20 if coarse else 100
-    meta = d / "meta"
-    if meta.is_file():
-        classes = _names(_unpickle(meta, "cifar100")["coarse_label_names" if coarse else "fine_label_names"])
-    else:
-        classes = [str(i) for i in range(n)]
+    labels = _cifar_labels(b, key, d / split, n)
+    classes = _names(d / "meta", "cifar100", "coarse_label_names" if coarse else "fine_label_names", n)
     ds = ImageDataset("cifar100", split, _cifar_images(b, d / split, "cifar100"), labels, classes, d)
     ds.info["labels"] = "coarse (20 superclasses)" if coarse else "fine (100 classes)"
     return ds
@@ -211,21 +216,29 @@ def load_stl10(root: Path, split: str = "test") -> ImageDataset:
     _check_split("stl10", split)
     d = _find_dir(root, "stl10_binary", f"{split}_X.bin", "stl10")
     xp, yp = d / f"{split}_X.bin", d / f"{split}_y.bin"
-    if not yp.is_file():
-        raise DataError(f"{yp} is missing; stl10 expects {LAYOUTS['stl10']}")
-    raw = np.fromfile(xp, dtype=np.uint8)
+    # Raw uint8 files, no pickle: the sizes must match the layout before anything is read.
+    for f in (xp, yp):
+        if not f.is_file():
+            raise DataError(f"{f} is missing or not a regular file; stl10 expects {LAYOUTS['stl10']}")
     per = 3 * 96 * 96
-    if raw.size == 0 or raw.size % per:
-        raise DataError(f"{xp} has {raw.size} bytes, not a multiple of 3*96*96; expected {LAYOUTS['stl10']}")
+    nx, ny = xp.stat().st_size, yp.stat().st_size
+    if nx == 0 or nx % per:
+        raise DataError(f"{xp} has {nx} bytes, not a positive multiple of 3*96*96; expected {LAYOUTS['stl10']}")
+    if ny != nx // per:
+        raise DataError(f"{yp} has {ny} labels (bytes) for {nx // per} images in {xp}; the files do not belong together")
+    try:
+        raw = np.fromfile(xp, dtype=np.uint8, count=nx)
+        y = np.fromfile(yp, dtype=np.uint8, count=ny).astype(np.int64)
+    except (OSError, ValueError, MemoryError) as e:
+        raise DataError(f"{xp} or {yp} could not be read ({type(e).__name__}: {e}); replace them") from None
+    if raw.size != nx or y.size != ny:
+        raise DataError(f"{xp} or {yp} changed size while being read; try again")
     # The release stores each image column-major (Fortran order): channel, then column, then row.
     images = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1).copy()
-    y = np.fromfile(yp, dtype=np.uint8).astype(np.int64)
-    if y.size != images.shape[0]:
-        raise DataError(f"{yp} has {y.size} labels for {images.shape[0]} images in {xp}")
-    if y.size and (y.min() < 1 or y.max() > 10):
+    if y.min() < 1 or y.max() > 10:
         raise DataError(f"{yp}: STL-10 labels must lie in 1..10, found {y.min()}..{y.max()}")
     names_p = d / "class_names.txt"
-    classes = names_p.read_text().split() if names_p.is_file() else [str(i) for i in range(1, 11)]
+    classes = read_text_checked(names_p).split() if names_p.is_file() else [str(i) for i in range(1, 11)]
     if len(classes) != 10:
         classes = [str(i) for i in range(1, 11)]
     return ImageDataset("stl10", split, images, y - 1, classes, d)
@@ -236,7 +249,7 @@ def load_tiny_imagenet(root: Path, split: str = "val") -> ImageDataset:
         raise DataError("tiny-imagenet: the test split has no released labels; use --split val (the default)")
     _check_split("tiny-imagenet", split)
     d = _find_dir(root, "tiny-imagenet-200", "wnids.txt", "tiny-imagenet")
-    wnids = (d / "wnids.txt").read_text().split()
+    wnids = read_text_checked(d / "wnids.txt").split()
     if not wnids:
         raise DataError(f"{d / 'wnids.txt'} is empty; expected {LAYOUTS['tiny-imagenet']}")
     index = {w: i for i, w in enumerate(wnids)}
@@ -247,7 +260,7 @@ def load_tiny_imagenet(root: Path, split: str = "val") -> ImageDataset:
         img_dir = d / "val" / "images"
         if not ann.is_file() or not img_dir.is_dir():
             raise DataError(f"{ann} or {img_dir} is missing; expected {LAYOUTS['tiny-imagenet']}")
-        for n, line in enumerate(ann.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text_checked(ann).splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split("\t")
@@ -274,7 +287,7 @@ def load_tiny_imagenet(root: Path, split: str = "val") -> ImageDataset:
         )
     words = d / "words.txt"
     names = (
-        dict(line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line)
+        dict(line.split("\t", 1) for line in read_text_checked(words).splitlines() if "\t" in line)
         if words.is_file()
         else {}
     )

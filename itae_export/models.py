@@ -12,57 +12,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalogue import CATALOGUE, SOURCE_GRID, ModelSpec, get_spec  # noqa: F401 - re-exported
 from .errors import ModelError
-
-SOURCE_GRID = 37  # official checkpoints hold position embeddings for 518 px / 14 = 37 patches a side
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    timm_name: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    num_registers: int
-    patch_size: int = 14
-
-    @property
-    def official_filename(self) -> str:
-        base = self.name.replace("_reg", "")
-        return f"{base}_reg4_pretrain.pth" if self.num_registers else f"{base}_pretrain.pth"
-
-
-def _specs() -> dict[str, ModelSpec]:
-    sizes = {
-        "s": ("small", 384, 12, 6),
-        "b": ("base", 768, 12, 12),
-        "l": ("large", 1024, 24, 16),
-        "g": ("giant", 1536, 40, 24),
-    }
-    out: dict[str, ModelSpec] = {}
-    for letter, (word, dim, depth, heads) in sizes.items():
-        for reg in (0, 4):
-            name = f"dinov2_vit{letter}14" + ("_reg" if reg else "")
-            timm_name = f"vit_{word}_patch14_" + ("reg4_dinov2" if reg else "dinov2")
-            out[name] = ModelSpec(name, timm_name, dim, depth, heads, reg)
-    return out
-
-
-CATALOGUE: dict[str, ModelSpec] = _specs()
-
-
-def get_spec(name: str) -> ModelSpec:
-    if name not in CATALOGUE:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(CATALOGUE)}")
-    return CATALOGUE[name]
+from .safe_io import check_tensor_dict, load_tensor_file
 
 
 def interpolate_pos_embed_official(
@@ -160,23 +118,13 @@ def randomize_(module: nn.Module, seed: int) -> None:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelError(f"--weights {path} does not exist; pass the path of a DINOv2 .pth or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is the same user problem
-        raise ModelError(f"could not read weights file {path}: {e}; pass an official DINOv2 .pth or a timm .safetensors") from e
+    """Tensors only (safe_io.load_tensor_file), unwrapped from a model/state_dict/teacher container;
+    non-tensor entries and NaN/Inf values are refused naming the key."""
+    sd = load_tensor_file(path, "--weights")
     for key in ("model", "state_dict", "teacher"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ModelError(f"{path} holds no state dict")
-    return sd
+    return check_tensor_dict(sd, path)
 
 
 def _split_official_or_timm(sd: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -281,6 +229,9 @@ def build_model(
         bad = [k for k in sd if sd[k].shape != model_sd[k].shape]
         if bad:
             raise ModelError(f"weights {path} have other shapes than {spec.name} for {bad[:3]}; check the model size")
+        bad = [k for k in sd if model_sd[k].is_floating_point() and not sd[k].is_floating_point()]
+        if bad:
+            raise ModelError(f"weights {path}: {bad[:3]} are not floating-point tensors; the checkpoint is damaged")
         vit.load_state_dict(sd, strict=False)
     vit.pos_embed = None  # the embedder adds its baked position embedding itself
     return DinoV2Embedder(spec, vit, cls_pos, patch_pos, img_size).eval()
