@@ -47,24 +47,31 @@ def _set_location(model, old: str, new: str) -> None:
                 kv.value = new
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.parent.resolve() == b.parent.resolve()
+
+
 def _stage_weights(model, src: Path, out: Path, txn: OutputTransaction, copy_weights: bool) -> None:
     """Keep the external weights reachable from OUT: referenced in place when OUT sits beside the
-    input (unless copy_weights), else copied as `<OUT name>.data` (mode never wider than the source)."""
+    input (unless copy_weights), else copied into the staging folder as `<OUT name>.data` (the
+    commit lands them with OUT)."""
     locs = external_locations(model)
-    if not locs or (not copy_weights and out.parent.resolve() == src.parent.resolve()):
+    if not locs or (not copy_weights and _same_folder(src, out)):
         return
-    if len(locs) > 1 and out.parent.resolve() == src.parent.resolve():
-        raise UsageError(f"{src} keeps its weights in {len(locs)} files; --copy-weights needs another output folder")
+    if len(locs) > 1 and any("/" in loc or "\\" in loc for loc in locs):
+        raise UsageError(f"{src} keeps its weights in {len(locs)} files in sub-folders; re-save it with one .data "
+                         "file (onnx.save_model(..., all_tensors_to_one_file=True)) and patch that")
     renames = {locs[0]: out.name + ".data"} if len(locs) == 1 else {loc: loc for loc in locs}
     for old, new in renames.items():
-        dest = out.parent / new
-        if dest.exists() and not txn.force:
-            raise OutputExistsError(f"{dest} already exists; pass --force or choose another --out")
-        staged = txn.stage_path(dest)
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src.parent / old, staged)
-        txn.add(staged, dest, source=src.parent / old)
+        if (out.parent / new).exists() and not txn.force:
+            raise OutputExistsError(f"{out.parent / new} already exists; pass --force or choose another --out")
+        shutil.copyfile(src.parent / old, txn.staging / new)
         _set_location(model, old, new)
+
+
+def _strictest(files: list[Path]) -> Path:
+    """The file with the fewest permission bits: its mode caps the outputs' (never widen a source's)."""
+    return min(files, key=lambda f: bin(f.stat().st_mode & 0o777).count("1"))
 
 
 def patch(src: str | Path, out: str | Path, *, itae: ITAEConfig | None = None, num_prefix_tokens: int | None = None,
@@ -88,7 +95,8 @@ def patch(src: str | Path, out: str | Path, *, itae: ITAEConfig | None = None, n
         if not f.is_file():
             raise UsageError(f"{src} references external weights {f.name} that are not beside it; keep the .data "
                              "file next to the .onnx")
-    with OutputTransaction(out, inputs=[src, *data_files], force=force) as txn:
+    shared = data_files if (data_files and not copy_weights and _same_folder(src, out)) else []
+    with OutputTransaction(out, inputs=[src, *data_files], force=force, shared=shared) as txn:
         img = static_image_size(model)
         meta = {"itae_export.img_size": str(img)} if img else {}
         try:
@@ -98,7 +106,7 @@ def patch(src: str | Path, out: str | Path, *, itae: ITAEConfig | None = None, n
         _stage_weights(patched, src, out, txn, copy_weights)
         staged = txn.stage_path(out)
         onnx.save_model(patched, str(staged))
-        txn.add(staged, out, keep_external=True)
+        txn.add(staged, out, source=_strictest([src, *data_files]))
         files = txn.commit()
     seconds = time.perf_counter() - t0
     res = PatchResult(src, out, cfg.to_dict(), result, files, seconds=seconds)

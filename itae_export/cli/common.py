@@ -97,7 +97,7 @@ def run_command(prog: str, parser: argparse.ArgumentParser, fn: Callable[[argpar
     handler = _StdoutHandler()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    restore = install_signal_handlers()
+    install_signal_handlers()
     try:
         return int(fn(args) or 0)
     except ItaeError as e:
@@ -118,7 +118,6 @@ def run_command(prog: str, parser: argparse.ArgumentParser, fn: Callable[[argpar
                      "and report it", 1)
     finally:
         logger.removeHandler(handler)
-        restore()
 
 
 def _fail(prog: str, message: str, code: int) -> int:
