@@ -525,7 +525,7 @@ def test_client_tool_both_input_formats_agree(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_reference_batch_for_engine_parity(tmp_path: Path) -> None:
-    from itae_export.triton import reference_batch
+    from itae_export.graph_options import reference_batch
 
     src = save_tiny(tmp_path / "m.onnx")
     for opts in (GraphOptions("uint8-nhwc", True), GraphOptions("uint8-nhwc"), GraphOptions(None, True)):
