@@ -1,6 +1,6 @@
 """torch -> ONNX. Input `pixel_values` [B,3,H,W] float32 with a dynamic batch axis, output
 `embedding` [B,D]. The dynamo exporter is the default: it peaks at about a third of the
-TorchScript exporter's memory on ViT-L (../shared/EXPORT_NOTES.md)."""
+TorchScript exporter's memory on ViT-L (measured: docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import gc
 import io
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,10 +19,11 @@ from torch import nn
 from graph_passes.graph import external_locations
 
 from .errors import ExportError
+from .outputs import OutputTransaction
+from .settings import check_exporter_opset
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "embedding"
-EXPORTERS = ("dynamo", "torchscript")
 # Above this many bytes of weights, write them to an external `.data` file: it keeps ViT-L's
 # export peak under 2 GB, and ViT-g (4.5 GB) cannot be one protobuf at all (2 GiB limit).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -81,67 +80,54 @@ def export_onnx(
     opset: int | None = None,
     external_data: bool | None = None,
 ) -> Path:
-    """Export `model` (forward(pixel_values) -> [B, D]) to `out_path`.
-
-    The file is written in a temporary directory next to `out_path` and moved into place with
-    its `.data` file (named `<out name>.data`) only when the export succeeded.
-    external_data=None decides by weight size (EXTERNAL_DATA_THRESHOLD).
+    """Export `model` (forward(pixel_values) -> [B, D]) to `out_path`, through an output transaction
+    (staged beside it, committed with its `.data` file only when the export succeeded; an existing
+    `out_path` is replaced). external_data=None decides by weight size (EXTERNAL_DATA_THRESHOLD).
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"--exporter {exporter!r} is not valid; choose one of {', '.join(EXPORTERS)}")
+    check_exporter_opset(exporter, opset)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    model = model.eval()
-    dummy = torch.zeros(2, 3, img_size, img_size)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    tmp = tmpdir / out.name
-    try:
-        with torch.no_grad(), _quiet() as log:
-            try:
-                if exporter == "dynamo":
-                    batch = torch.export.Dim("batch", min=1, max=4096)
-                    prog = torch.onnx.export(
-                        model,
-                        (dummy,),
-                        dynamo=True,
-                        input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME],
-                        dynamic_shapes={"pixel_values": {0: batch}},
-                        opset_version=opset or 18,
-                        optimize=True,
-                        verbose=False,
-                    )
-                    prog.save(str(tmp), external_data=external_data)
-                    del prog
-                    _release_rewriter_matches()
-                else:
-                    torch.onnx.export(
-                        model,
-                        (dummy,),
-                        str(tmp),
-                        dynamo=False,
-                        input_names=[INPUT_NAME],
-                        output_names=[OUTPUT_NAME],
-                        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                        opset_version=opset or 17,
-                        do_constant_folding=True,
-                    )
-            except Exception as e:  # noqa: BLE001 - exporter failures are many types
-                tail = log.getvalue().strip().splitlines()[-5:]
-                raise ExportError(
-                    f"{exporter} export of {type(model).__name__} failed: {type(e).__name__}: {e}"
-                    + (f"\n  exporter log: {' | '.join(tail)}" if tail else "")
-                    + "\n  hint: try --exporter " + ("torchscript" if exporter == "dynamo" else "dynamo")
-                ) from e
+    with OutputTransaction(out, force=True) as txn:
+        work = txn.staging / "export"
+        work.mkdir()
+        tmp = work / out.name
+        _run_exporter(model.eval(), tmp, img_size=img_size, exporter=exporter, opset=opset,
+                      external_data=external_data)
         _normalise_external_data(tmp, external_data)
-        for f in tmpdir.iterdir():
-            os.chmod(f, 0o644)  # onnx.save writes .data files 0600; others must read what we ship
-            os.replace(f, out.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        for f in work.iterdir():
+            os.replace(f, txn.staging / f.name)
+        txn.add(txn.stage_path(out), out)
+        txn.commit()
     return out
+
+
+def _run_exporter(model: nn.Module, tmp: Path, *, img_size: int, exporter: str, opset: int | None,
+                  external_data: bool) -> None:
+    dummy = torch.zeros(2, 3, img_size, img_size)
+    with torch.no_grad(), _quiet() as log:
+        try:
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                prog = torch.onnx.export(
+                    model, (dummy,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_shapes={"pixel_values": {0: batch}}, opset_version=opset or 18, optimize=True,
+                    verbose=False)
+                prog.save(str(tmp), external_data=external_data)
+                del prog
+                _release_rewriter_matches()
+            else:
+                torch.onnx.export(
+                    model, (dummy,), str(tmp), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset or 17,
+                    do_constant_folding=True)
+        except Exception as e:  # noqa: BLE001 - exporter failures are many types
+            tail = log.getvalue().strip().splitlines()[-5:]
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise ExportError(
+                f"{exporter} export of {type(model).__name__} failed: {type(e).__name__}: {e}"
+                + (f" (exporter log: {' | '.join(tail)})" if tail else "") + f"; try --exporter {other}"
+            ) from e
 
 
 def _normalise_external_data(path: Path, external: bool) -> None:

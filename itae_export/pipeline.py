@@ -155,7 +155,7 @@ class Reference:
     outputs: np.ndarray
     flag_stats: dict | None = None
     deploy: tuple[np.ndarray, np.ndarray] | None = None  # inputs/outputs as the graph options see them
-    digits: tuple[np.ndarray, np.ndarray] | None = None  # fast-path eval images and their fp32 outputs
+    digits: tuple | None = None  # ((eval images, labels), their fp32 reference outputs) for the fast path
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -196,8 +196,8 @@ def reference_figures(model, req: ExportRequest) -> Reference:
     if req.fast_path != "none":
         from .fastpath import digits_eval_inputs
 
-        digits = digits_eval_inputs(req.img_size, req.fast_path_eval_images, seed=0)[0]
-        ref.digits = (digits, run_batched(run, digits))
+        digits = digits_eval_inputs(req.img_size, req.fast_path_eval_images, seed=0)  # (images, labels)
+        ref.digits = (digits, run_batched(run, digits[0]))
     return ref
 
 
