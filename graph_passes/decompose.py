@@ -21,20 +21,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import MatchError
-from .graph import Builder, GraphIndex, infer_elem_types
-
-CONTRIB_DOMAIN = "com.microsoft"
-CONTRIB_ATTENTION_OPS = (
-    "Attention",
-    "MultiHeadAttention",
-    "PackedAttention",
-    "PackedMultiHeadAttention",
-    "GroupQueryAttention",
-    "DecoderMaskedMultiHeadAttention",
-    "DecoderMaskedSelfAttention",
-    "SparseAttention",
+from .anchor import (  # noqa: F401 - CONTRIB_* re-exported
+    CONTRIB_ATTENTION_OPS,
+    CONTRIB_DOMAIN,
+    attention_layout,
+    is_contrib_attention,
+    is_onnx_attention,
 )
+from .errors import MatchError
+from .graph import Builder, GraphIndex, infer_elem_types, infer_weight_free
+
 CONTRIB_HINT = "patch the graph before running the onnxruntime transformer optimizer (or re-export it)"
 REEXPORT_HINT = "re-export with opset <= 22 (itae-export --opset 18) so that attention is MatMul/Softmax/MatMul"
 # Attention attributes with the value that keeps the logits a pure scaled Q*K^T
@@ -52,29 +48,17 @@ class DecomposeError(MatchError):
         super().__init__("decompose-attention", reason, hint)
 
 
-def _is_onnx_attention(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
-
-
-def _is_contrib_attention(node: onnx.NodeProto) -> bool:
-    return node.domain == CONTRIB_DOMAIN and node.op_type in CONTRIB_ATTENTION_OPS
-
-
 def final_fused_attention(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The ONNX `Attention` node to decompose: the last fused attention op when no Softmax follows
-    it (graph order is topological). None when the final attention is already explicit.
-    Raises DecomposeError when that last fused op is an onnxruntime contrib op."""
-    last_softmax = -1
-    last_fused: tuple[int, onnx.NodeProto] | None = None
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "Softmax":
-            last_softmax = i
-        elif _is_onnx_attention(node) or _is_contrib_attention(node):
-            last_fused = (i, node)
-    if last_fused is None or last_fused[0] < last_softmax:
+    """The ONNX `Attention` node to decompose: the final attention block (anchor.py) when it is a
+    fused op, i.e. no attention Softmax follows it (a classifier Softmax after it does not count).
+    None when the final attention is already explicit. Raises DecomposeError when that last fused op
+    is an onnxruntime contrib op."""
+    if not any(is_onnx_attention(n) or is_contrib_attention(n) for n in model.graph.node):
+        return None  # nothing fused: no need to classify the Softmax nodes
+    node = attention_layout(model).final
+    if node is None or not (is_onnx_attention(node) or is_contrib_attention(node)):
         return None
-    node = last_fused[1]
-    if _is_contrib_attention(node):
+    if is_contrib_attention(node):
         raise DecomposeError(
             f"the final attention is {CONTRIB_DOMAIN}.{node.op_type} ({node.name or node.output[0]}), "
             "a fused onnxruntime contrib op",
@@ -85,17 +69,7 @@ def final_fused_attention(model: onnx.ModelProto) -> onnx.NodeProto | None:
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Static dims (None where symbolic) from shape inference on a weight-free copy."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for t in light.graph.initializer:  # shape inference needs dims, not data
-        if t.data_location != TensorProto.EXTERNAL:
-            t.ClearField("raw_data")
-            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-                t.ClearField(f)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-    except Exception:  # noqa: BLE001 - best effort; unknown shapes fall back to runtime Shape ops
-        return {}
+    inferred = infer_weight_free(model)
     out: dict[str, list[int | None]] = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tt = v.type.tensor_type

@@ -36,5 +36,9 @@ class Int8Error(PassError):
     """The model or the paths cannot be quantized as asked."""
 
 
+class MetadataError(PassError):
+    """A metadata_props entry of ours holds a value of the wrong type; the message names the key."""
+
+
 class UnsafeLocationError(PassError):
     """An external-data location points outside the model's folder (absolute, '..', or a symlink out)."""

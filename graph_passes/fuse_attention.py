@@ -29,8 +29,9 @@ onnx's reference evaluator at two different batch/token sizes). A candidate that
 way (a mask/bias Add before Softmax, ops between Softmax and PV, a scale on v, separate q/k/v
 projections, an unprovable layout, a non-float32 block) is left alone and its reason recorded.
 
-The final block's attention (the last Softmax that is attention or that ITAE edited) and anything
-touching an `itae/` node stay untouched, so the pass runs before or after apply_itae. A graph that
+The final block's attention (the last attention Softmax, anchor.py, as match_final_attention takes
+it) and any attention that ITAE rewired (recognised by structure, detect.py) stay untouched, so the
+pass runs before or after apply_itae. A graph that
 already holds fused attention is not touched at all (a second run fuses 0). The qkv bias Add is left
 in place (MHA's `bias` input is not used): the Add is one cheap op and keeping it leaves the qkv
 projection as the MatMul + Add pair that int8 quantization handles.
@@ -44,8 +45,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .anchor import attention_layout, node_label
+from .detect import find_itae_site
 from .graph import GraphIndex, infer_weight_free, toposort
-from .match import INSERTED_PREFIX, MatchError, _match_at
+from .match import MatchError, match_attention_at
 
 PREFIX = "fuse_attention"
 MS_DOMAIN = "com.microsoft"
@@ -345,7 +348,7 @@ def _k_source(ix: GraphIndex, shapes: _Shapes, k_t: str) -> tuple[str, float]:
 
 def _plan(ix: GraphIndex, shapes: _Shapes, sm: onnx.NodeProto, n_sm: int) -> _Plan:
     try:
-        m = _match_at(ix, sm, n_sm)
+        m = match_attention_at(ix, sm, n_sm)
     except MatchError as e:
         raise FuseReject(str(e)) from e
     if ix.attr(sm, "axis", -1 if ix.opset >= 13 else 1) not in (-1, 3):
@@ -407,25 +410,9 @@ def _plan(ix: GraphIndex, shapes: _Shapes, sm: onnx.NodeProto, n_sm: int) -> _Pl
 
 
 def _touches_itae(ix: GraphIndex, sm: onnx.NodeProto) -> bool:
-    """Does ITAE read or write anything around this Softmax (its logits, probabilities, q/k/v)?"""
-    tensors = set(sm.input) | set(sm.output)
-    frontier = list(tensors)
-    # two hops each way covers the ITAE logit/probability rewrites and its q/k/v norm readers
-    for _ in range(6):
-        nxt = []
-        for t in frontier:
-            p = ix.producer.get(t)
-            nodes = ([p] if p is not None else []) + ix.consumers.get(t, [])
-            for n in nodes:
-                if n.name.startswith(INSERTED_PREFIX):
-                    return True
-                if n.op_type in ("MatMul", "Mul", "Div", "Transpose", "Reshape", "Identity", "Softmax"):
-                    for x in list(n.input) + list(n.output):
-                        if x and x not in tensors and not ix.is_data_independent(x):
-                            tensors.add(x)
-                            nxt.append(x)
-        frontier = nxt
-    return False
+    """Does ITAE read or rewrite this attention (its logits, probabilities, q/k/v)? Found from the
+    structure ITAE inserts (detect.py), whatever the nodes are called."""
+    return find_itae_site(ix, sm) is not None
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -450,27 +437,22 @@ def fuse_attention(model: onnx.ModelProto, *, skip_final: bool = True) -> tuple[
         return out, res
     ix = GraphIndex(out)
     shapes = _Shapes(out)
-
+    layout = attention_layout(out, ix)
+    final = layout.final  # the block match_final_attention / ITAE take, found the same way
     plans: list[_Plan] = []
-    final_seen = not skip_final
-    for sm in reversed(softmaxes):  # graph order is topological: the final block comes first here
-        name = sm.name or sm.output[0]
-        itae = _touches_itae(ix, sm)
-        if not final_seen:
-            # the final attention is the one match_final_attention / ITAE take: the last Softmax
-            # that is attention at all (a classifier Softmax after the blocks is not)
-            try:
-                if not itae:
-                    _match_at(ix, sm, len(softmaxes))
-                res.kept_final, final_seen = name, True
-            except MatchError as e:
-                res.rejected.append((name, f"not an attention block: {e}"))
+    for v in reversed(layout.verdicts):  # graph order is topological: the final block comes first here
+        sm, name = v.node, node_label(v.node)
+        if not v.attention:
+            res.rejected.append((name, f"not an attention block: {v.reason}"))
             continue
-        if itae:
+        if skip_final and final is not None and sm.output[0] == final.output[0]:
+            res.kept_final = name
+            continue
+        if _touches_itae(ix, sm):
             res.rejected.append((name, "ITAE nodes read or rewrite this attention; it stays as ITAE left it"))
             continue
         try:
-            plans.append(_plan(ix, shapes, sm, len(softmaxes)))
+            plans.append(_plan(ix, shapes, sm, layout.num_blocks))
         except FuseReject as e:
             res.rejected.append((name, str(e)))
     plans.reverse()

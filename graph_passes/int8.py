@@ -42,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import Int8Error  # noqa: F401 - re-exported
-from .graph import all_tensors, external_locations
+from .graph import all_tensors, check_external_data, resolve_external_location
 
 __all__ = ["Int8Error", "Int8Result", "quantize_dynamic_int8", "quantize_weight"]
 
@@ -133,7 +133,7 @@ def _ext_span(t: TensorProto, base: Path) -> tuple[Path, int, int]:
     info = _ext_info(t)
     if "location" not in info:
         raise Int8Error(f"tensor {t.name!r} is marked external but names no location")
-    path = base / info["location"]
+    path = resolve_external_location(base, info["location"])  # refuses absolute, '..', symlinks out
     offset = int(info.get("offset", 0))
     length = int(info["length"]) if "length" in info else _nbytes(t)
     return path, offset, length
@@ -214,19 +214,35 @@ def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude:
     """Quantize the MatMul weights of `onnx_in` (except nodes named in `exclude`) to int8 and write
     `onnx_out` atomically (temporary files beside it, then os.replace); the input is never modified.
     The output keeps its weights in `<onnx_out name>.data` when the input had external data, else inline.
-    Raises Int8Error (a ValueError) for unusable paths/models, FileNotFoundError for a missing input."""
+    Raises Int8Error (a ValueError) for unusable paths/models, UnsafeLocationError for an external-data
+    location outside the model's folder, FileNotFoundError for a missing input.
+
+    Steps: check the paths and the model -> rewrite the MatMul nodes (match each, check its weight,
+    emit the integer pattern) -> swap the weights for placeholders -> stream the weights and save."""
     _check_weight_type(weight_type)
     src, out = Path(onnx_in), Path(onnx_out)
+    model, in_files = _load_checked(src, out)
+    external = len(in_files) > 1
+    result = Int8Result(output=out, external_data=external)
+    wq = _rewrite_matmuls(model.graph, exclude, result)
+    pending = _swap_weights(model.graph, wq)
+    out_data = out.parent / (out.name + ".data")
+    _stream_and_save(model, pending, wq, src.parent, out, external, per_channel, weight_type)
+    result.bytes_in = sum(f.stat().st_size for f in in_files)
+    result.bytes_out = sum(f.stat().st_size for f in ([out, out_data] if external else [out]))
+    return result
+
+
+def _load_checked(src: Path, out: Path) -> tuple[onnx.ModelProto, list[Path]]:
+    """The graph (no weights) and its files [src, external data...], after every path check."""
     if not src.is_file():
         raise FileNotFoundError(f"ONNX model {src} not found; pass an existing .onnx file")
     if src.resolve() == out.resolve():
         raise Int8Error(f"output {out} is the input model; choose another output path")
     model = onnx.load(str(src), load_external_data=False)
-    graph = model.graph
-    in_files = [src] + [src.parent / loc for loc in external_locations(model)]
+    in_files = [src] + check_external_data(model, src.parent, model_file=src)
     external = len(in_files) > 1
-    out_data_name = out.name + ".data"
-    out_data = out.parent / out_data_name
+    out_data = out.parent / (out.name + ".data")
     for f in in_files:
         if f.resolve() == out.resolve() or (external and f.resolve() == out_data.resolve()):
             raise Int8Error(f"writing {out} would overwrite {f}, which the input model {src} uses; "
@@ -237,8 +253,45 @@ def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude:
     if opset < 11:
         raise Int8Error(f"{src} uses opset {opset}; DynamicQuantizeLinear needs opset 11 or later "
                         "(convert the model with onnx.version_converter first)")
+    return model, in_files
 
-    result = Int8Result(output=out, external_data=external)
+
+def _skip_reason(node: onnx.NodeProto, inits: dict[str, TensorProto], exclude: set[str]) -> str | None:
+    """Why this MatMul keeps its float weight (None: quantize it)."""
+    w = inits.get(node.input[1])
+    if node.name in exclude:
+        return "excluded"
+    if w is None:
+        return "weight is not an initializer"
+    if w.data_type != TensorProto.FLOAT:
+        return f"weight is {TensorProto.DataType.Name(w.data_type)}, not FLOAT"
+    if len(w.dims) != 2:
+        return f"weight is {len(w.dims)}-D, not 2-D"
+    if node.input[0] in inits:
+        return "activation input is an initializer"
+    return None
+
+
+def _integer_matmul(node: onnx.NodeProto, a: tuple[str, str, str], w: tuple[str, str, str]) -> list[onnx.NodeProto]:
+    """MatMulInteger -> Cast -> Mul(scales) for one MatMul, with ORT's node/tensor names."""
+    a_q, a_scale, a_zp = a
+    w_q, w_scale, w_zp = w
+    y = node.output[0]
+    mi_name = node.name + "_quant" if node.name else ""
+    mi_out = y + "_output_quantized"
+    cast_out = mi_out + "_cast_output"
+    scales_name = mi_name + "_scales_mul" if mi_name else a_scale + "_" + w_scale + "_mul"
+    return [
+        helper.make_node("MatMulInteger", [a_q, w_q, a_zp, w_zp], [mi_out], mi_name),
+        helper.make_node("Cast", [mi_out], [cast_out], mi_out + "_cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [a_scale, w_scale], [scales_name + ":0"], scales_name),
+        helper.make_node("Mul", [cast_out, scales_name + ":0"], [y], mi_name + "_output_scale_mul" if mi_name else ""),
+    ]
+
+
+def _rewrite_matmuls(graph: onnx.GraphProto, exclude: set[str], result: Int8Result) -> dict[str, tuple[str, str, str]]:
+    """Replace every quantizable MatMul by the integer pattern (one DynamicQuantizeLinear per
+    activation); returns weight name -> (q, scale, zero point) names."""
     inits = {t.name: t for t in graph.initializer}
     dql: dict[str, tuple[str, str, str]] = {}  # activation -> (q, scale, zp)
     wq: dict[str, tuple[str, str, str]] = {}  # weight -> (q, scale, zp)
@@ -247,72 +300,55 @@ def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
-        reason = None
-        w = inits.get(node.input[1])
-        if node.name in exclude:
-            reason = "excluded"
-        elif w is None:
-            reason = "weight is not an initializer"
-        elif w.data_type != TensorProto.FLOAT:
-            reason = f"weight is {TensorProto.DataType.Name(w.data_type)}, not FLOAT"
-        elif len(w.dims) != 2:
-            reason = f"weight is {len(w.dims)}-D, not 2-D"
-        elif node.input[0] in inits:
-            reason = "activation input is an initializer"
+        reason = _skip_reason(node, inits, exclude)
         if reason:
             result.skipped.append((node.name, reason))
             new_nodes.append(node)
             continue
-        a = node.input[0]
+        a, w = node.input[0], node.input[1]
         if a not in dql:
             dql[a] = (a + _QUANT_SUFFIX, a + "_scale", a + "_zero_point")
             new_nodes.append(helper.make_node("DynamicQuantizeLinear", [a], list(dql[a]), a + "_QuantizeLinear"))
-        if w.name not in wq:
-            wq[w.name] = (w.name + _QUANT_SUFFIX, w.name + "_scale", w.name + "_zero_point")
-            result.quantized_weights.append(w.name)
-        a_q, a_scale, a_zp = dql[a]
-        w_q, w_scale, w_zp = wq[w.name]
-        y = node.output[0]
-        mi_name = node.name + "_quant" if node.name else ""
-        mi_out = y + "_output_quantized"
-        cast_out = mi_out + "_cast_output"
-        scales_name = mi_name + "_scales_mul" if mi_name else a_scale + "_" + w_scale + "_mul"
-        new_nodes += [
-            helper.make_node("MatMulInteger", [a_q, w_q, a_zp, w_zp], [mi_out], mi_name),
-            helper.make_node("Cast", [mi_out], [cast_out], mi_out + "_cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [a_scale, w_scale], [scales_name + ":0"], scales_name),
-            helper.make_node("Mul", [cast_out, scales_name + ":0"], [y],
-                             mi_name + "_output_scale_mul" if mi_name else ""),
-        ]
+        if w not in wq:
+            wq[w] = (w + _QUANT_SUFFIX, w + "_scale", w + "_zero_point")
+            result.quantized_weights.append(w)
+        new_nodes += _integer_matmul(node, dql[a], wq[w])
         result.quantized.append(node.name)
-
     graph.ClearField("node")
     graph.node.extend(new_nodes)
+    return wq
+
+
+def _swap_weights(graph: onnx.GraphProto, wq: dict[str, tuple[str, str, str]]) -> dict[str, TensorProto]:
+    """Replace each quantized weight in place by empty (q, scale, zp) placeholders, keeping the float
+    weight too if something still reads it; returns q name -> source float tensor."""
     used = _used_names(graph)
-    # replace each quantized weight in place by (q, scale, zp); keep it too if something still reads it
-    old_inits = list(graph.initializer)
     new_inits: list[TensorProto] = []
-    pending: dict[str, TensorProto] = {}  # quantized-weight name -> source float tensor
-    for t in old_inits:
+    pending: dict[str, TensorProto] = {}
+    for t in list(graph.initializer):
         if t.name in wq:
             if t.name in used:
                 new_inits.append(t)
-            q_name = wq[t.name][0]
-            pending[q_name] = t
-            for n in wq[t.name]:
-                new_inits.append(TensorProto(name=n))  # filled while writing
+            pending[wq[t.name][0]] = t
+            new_inits += [TensorProto(name=n) for n in wq[t.name]]  # filled while writing
         else:
             new_inits.append(t)
     graph.ClearField("initializer")
     graph.initializer.extend(new_inits)
+    return pending
 
+
+def _stream_and_save(model: onnx.ModelProto, pending: dict[str, TensorProto], wq: dict[str, tuple[str, str, str]],
+                     base: Path, out: Path, external: bool, per_channel: bool, weight_type: str) -> None:
+    """Quantize/copy the weights into temporary files beside `out`, check, then rename them over."""
+    out_data_name = out.name + ".data"
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".int8-", dir=out.parent))
     try:
         tmp = work / out.name
         writer = _DataWriter(work / out_data_name, out_data_name) if external else None
         try:
-            _fill_and_stream(graph, pending, wq, src.parent, writer, per_channel, weight_type)
+            _fill_and_stream(model.graph, pending, wq, base, writer, per_channel, weight_type)
         finally:
             if writer is not None:
                 writer.close()
@@ -324,9 +360,6 @@ def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude:
             os.replace(f, out.parent / f.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.bytes_in = sum(f.stat().st_size for f in in_files)
-    result.bytes_out = sum(f.stat().st_size for f in ([out, out_data] if external else [out]))
-    return result
 
 
 def _fill_and_stream(graph: onnx.GraphProto, pending: dict[str, TensorProto], wq: dict[str, tuple[str, str, str]],

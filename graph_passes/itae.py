@@ -14,6 +14,10 @@ float32 whatever the graph's precision; every inserted node is named "itae/...".
     logits --[min-logit: Where(cond, min_j>=P logits[..., j], logits)]--> Softmax
              [mask:      Where(cond, lowest, logits)                 ]
     Softmax --[scale: p' = Where(cond, alpha*p, p); p' / sum(p')     ]--> MatMul(PV)
+
+Only the final attention block is ever patched: when it does not match, the pass refuses
+(MatchError naming the step). A graph that already holds this subgraph, whatever its names and
+metadata, is refused with AlreadyPatchedError (detect.py recognises it from its structure).
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .config import ITAEConfig
+from .config import ITAEConfig, check_num_prefix_tokens
 from .decompose import decompose_final_attention
-from .graph import Builder, GraphIndex, infer_elem_types, toposort
-from .match import (
+from .graph import Builder, GraphIndex, infer_weight_free, toposort
+from .match import (  # noqa: F401 - errors re-exported
     INSERTED_PREFIX,
-    META_SETTINGS_KEY,
     AlreadyPatchedError,
     AttentionMatch,
     MatchError,
@@ -39,6 +42,7 @@ from .match import (
     infer_num_prefix_tokens,
     match_final_attention,
 )
+from .metadata import ITAE_PASS_VERSION, ITAE_SETTINGS, NUM_PREFIX_TOKENS, set_metadata_props
 
 PASS_VERSION = "1"
 _LOWEST = {TensorProto.FLOAT: np.finfo(np.float32).min, TensorProto.FLOAT16: np.finfo(np.float16).min,
@@ -81,6 +85,7 @@ class PassResult:
 
 
 def check_patchable(model: onnx.ModelProto) -> None:
+    """Refuse a graph that already carries ITAE (found by structure, detect.py) or is too old."""
     why = already_patched(model)
     if why:
         raise AlreadyPatchedError(f"graph is already patched: {why}; patch the original (unpatched) export instead")
@@ -97,7 +102,10 @@ def apply_itae(
     metadata: dict[str, str] | None = None,
 ) -> tuple[onnx.ModelProto, PassResult]:
     """Return a patched copy of `model` (which may be loaded without its external weights:
-    only the graph structure is read and no weight is touched) and what was done."""
+    only the graph structure is read and no weight is touched) and what was done.
+
+    Steps: check (not patched yet, opset) -> match the final attention block (never an earlier one)
+    -> check the prefix-token count -> emit the ITAE nodes -> rewire the Softmax -> metadata."""
     check_patchable(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -105,50 +113,15 @@ def apply_itae(
     ix = GraphIndex(out)
     m = match_final_attention(out, ix)
     m.decomposed = decomposed
-    prefix = num_prefix_tokens if num_prefix_tokens is not None else infer_num_prefix_tokens(out, ix)
-    if prefix is None:
-        raise MatchError(
-            "prefix-tokens",
-            "could not count the CLS/register tokens (no token Concat on axis 1 next to the patch Conv)",
-            "pass --num-prefix-tokens (1 for DINOv2, 5 for DINOv2 with 4 registers)",
-        )
-    if prefix < 1:
-        raise PassError(f"--num-prefix-tokens must be >= 1 (the CLS token), got {prefix}")
-    types = infer_elem_types(out)
+    logit_type, num_tokens = _logit_info(out, m.logits)
+    prefix = _prefix_tokens(out, ix, num_prefix_tokens, num_tokens)
+    if any(o.name == m.softmax.output[0] for o in out.graph.output):
+        raise PassError("the Softmax output is a graph output; cannot attenuate after it")
     b = Builder(ix, INSERTED_PREFIX.rstrip("/"))
-    new_logits, new_probs = _emit(b, m, cfg, prefix, types.get(m.logits, TensorProto.FLOAT))
-
-    # mutate once: rewire the Softmax input (logit methods) or the Softmax consumers (scale)
-    if new_logits is not None:
-        m.softmax.input[0] = new_logits
-    if new_probs is not None:
-        src = m.softmax.output[0]
-        for node in out.graph.node:
-            for i, name in enumerate(node.input):
-                if name == src:
-                    node.input[i] = new_probs
-        for o in out.graph.output:
-            if o.name == src:
-                raise PassError("the Softmax output is a graph output; cannot attenuate after it")
-    out.graph.initializer.extend(b.initializers)
-    available = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
-    nodes = toposort(list(out.graph.node) + b.nodes, available)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-
+    new_logits, new_probs = _emit(b, m, cfg, prefix, logit_type)
+    _rewire(out, m, b, new_logits, new_probs)
     settings = cfg.to_dict()
-    meta = {
-        META_SETTINGS_KEY: json.dumps(settings, sort_keys=True),
-        "itae.num_prefix_tokens": str(prefix),
-        "itae.pass_version": PASS_VERSION,
-    }
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    existing = {p.key: p for p in out.metadata_props}
-    for k, v in meta.items():
-        if k in existing:
-            existing[k].value = v
-        else:
-            out.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    _record(out, settings, prefix, metadata)
     ops: dict[str, int] = {}
     for n in b.nodes:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -161,6 +134,66 @@ def apply_itae(
         settings=settings,
     )
     return out, result
+
+
+def _logit_info(model: onnx.ModelProto, logits: str) -> tuple[int, int | None]:
+    """(element type, static token count or None) of the attention logits [B,H,T,T]."""
+    # small constants (Reshape targets) stay, so that the token count propagates through the layout ops
+    inferred = infer_weight_free(model, keep_small=64, data_prop=True)
+    elem, tokens = TensorProto.FLOAT, None
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.name != logits:
+            continue
+        tt = v.type.tensor_type
+        elem = tt.elem_type or elem
+        if tt.HasField("shape") and tt.shape.dim and tt.shape.dim[-1].HasField("dim_value"):
+            tokens = tt.shape.dim[-1].dim_value or None
+    for t in model.graph.initializer:
+        if t.name == logits:
+            elem = t.data_type
+    return elem, tokens
+
+
+def _prefix_tokens(model: onnx.ModelProto, ix: GraphIndex, given: int | None, num_tokens: int | None) -> int:
+    """--num-prefix-tokens, else the recorded / inferred count; checked against the token count."""
+    prefix = given if given is not None else infer_num_prefix_tokens(model, ix)
+    if prefix is None:
+        raise MatchError(
+            "prefix-tokens",
+            "could not count the CLS/register tokens (no token Concat on axis 1 next to the patch Conv)",
+            "pass --num-prefix-tokens (1 for DINOv2, 5 for DINOv2 with 4 registers)",
+        )
+    return check_num_prefix_tokens(prefix, num_tokens)
+
+
+def _rewire(out: onnx.ModelProto, m: AttentionMatch, b: Builder, new_logits: str | None,
+            new_probs: str | None) -> None:
+    """Mutate once: feed the Softmax the new logits (logit methods) or its consumers the new
+    probabilities (scale); add the inserted nodes and re-sort the graph."""
+    if new_logits is not None:
+        m.softmax.input[0] = new_logits
+    if new_probs is not None:
+        src = m.softmax.output[0]
+        for node in out.graph.node:  # the graph's nodes only: the inserted ones still read the Softmax
+            for i, name in enumerate(node.input):
+                if name == src:
+                    node.input[i] = new_probs
+    out.graph.initializer.extend(b.initializers)
+    available = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
+    nodes = toposort(list(out.graph.node) + b.nodes, available)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+
+
+def _record(out: onnx.ModelProto, settings: dict, prefix: int, metadata: dict[str, str] | None) -> None:
+    """The caller's metadata, then ours (settings, prefix count, pass version: they describe what
+    this pass did), canonical keys (metadata.py), replacing existing entries."""
+    set_metadata_props(out, {k: str(v) for k, v in (metadata or {}).items()})
+    set_metadata_props(out, {
+        ITAE_SETTINGS: json.dumps(settings, sort_keys=True),
+        NUM_PREFIX_TOKENS: str(prefix),
+        ITAE_PASS_VERSION: PASS_VERSION,
+    })
 
 
 def _emit(b: Builder, m: AttentionMatch, cfg: ITAEConfig, prefix: int, logit_type: int) -> tuple[str | None, str | None]:

@@ -1,16 +1,22 @@
 """Structural match of the final attention block of a ViT ONNX graph.
 
-Anchored on the last Softmax (graph order is topological), never on node names:
+The final block is found structurally (anchor.py): the last attention Softmax in graph
+(topological) order, never a node name. A classifier Softmax after the blocks is not attention and
+is skipped (reported as a rejected candidate); when the final attention Softmax itself does not
+match, the match fails with a MatchError naming the step. It never falls back to an earlier block.
 
     q_proj/qkv ... q --[Mul/Div scale]--+
-                                         MatMul(QK) --[Mul/Div scale]--> Softmax --> MatMul(PV) --> ...
-    qkv ... k --Transpose--[Mul/Div]-----+                                            ^
-    qkv ... v ------------------------------------------------------------------------+
+                                         MatMul(QK) --[Mul/Div scale][+ mask]--> Softmax --> MatMul(PV) --> ...
+    qkv ... k --Transpose--[Mul/Div]-----+                                                   ^
+    qkv ... v -------------------------------------------------------------------------------+
 
 The norm sources are read where their layout is fixed by MatMul semantics, with scales stripped:
 q = A operand of the QK MatMul [B,H,T,Dh], k^T = its B operand [B,H,Dh,T], v = B operand of
 the PV MatMul [B,H,T,Dh]. That makes the match independent of how the exporter split qkv
 (Split, Slice or Gather) or spelled the transpose of k (Transpose, or Reshape/Transpose/Reshape).
+
+A Softmax that ITAE already rewired (detect.py) is matched through the ITAE nodes, so that
+inspection of a patched graph still reports its final block.
 """
 
 from __future__ import annotations
@@ -20,15 +26,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .anchor import attention_layout, node_label
+from .decompose import decompose_final_attention, final_fused_attention
+from .detect import ItaeSite, PatchInfo, already_patched, find_itae_site  # noqa: F401 - re-exported
 from .errors import AlreadyPatchedError, MatchError, PassError  # noqa: F401 - re-exported
 from .graph import GraphIndex
+from .metadata import ITAE_SETTINGS, read_metadata
 
 SCALE_OPS = ("Mul", "Div")
 PASSTHROUGH_OPS = ("Cast", "Identity", "Dropout")
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather", "Identity", "Cast")
 PROJECTION_OPS = ("MatMul", "Gemm", "Add")
-META_SETTINGS_KEY = "itae.settings"
-INSERTED_PREFIX = "itae/"
+META_SETTINGS_KEY = ITAE_SETTINGS  # compatibility: the key lives in metadata.py
+INSERTED_PREFIX = "itae/"  # names of the nodes apply_itae inserts (for readers; detection is structural)
+FINAL_ONLY_HINT = ("ITAE patches only the final attention block and never an earlier one; "
+                   "itae-inspect prints every candidate")
 
 
 @dataclass
@@ -36,25 +48,27 @@ class AttentionMatch:
     softmax: onnx.NodeProto
     qk_matmul: onnx.NodeProto
     pv_matmul: onnx.NodeProto
-    logits: str  # Softmax input (scaled logits)
+    logits: str  # Softmax input (scaled logits), before ITAE when the block is patched
     q: str  # [B,H,T,Dh], before scaling
     k_t: str  # [B,H,Dh,T], before scaling
     v: str  # [B,H,T,Dh]
     scale_on: list[str]  # where the exporter put 1/sqrt(Dh): subset of q, k, logits
     projections: dict[str, str]  # q/k/v -> name of the projection node (same node: fused qkv)
-    num_softmax: int
+    num_softmax: int  # attention blocks in the graph
     rejected: list[tuple[str, str]] = field(default_factory=list)
     decomposed: str | None = None  # fused Attention op rewritten into this explicit form (decompose.py)
+    block_index: int | None = None  # 0-based index of this block among the attention blocks
+    itae: ItaeSite | None = None  # the ITAE subgraph already at this Softmax, if any
 
     @property
     def fused_qkv(self) -> bool:
         return len(set(self.projections.values())) == 1
 
     def describe(self) -> dict:
-        return {
-            "softmax": self.softmax.name or self.softmax.output[0],
-            "qk_matmul": self.qk_matmul.name or self.qk_matmul.output[0],
-            "pv_matmul": self.pv_matmul.name or self.pv_matmul.output[0],
+        out = {
+            "softmax": node_label(self.softmax),
+            "qk_matmul": node_label(self.qk_matmul),
+            "pv_matmul": node_label(self.pv_matmul),
             "q": self.q,
             "k_transposed": self.k_t,
             "v": self.v,
@@ -62,19 +76,14 @@ class AttentionMatch:
             "qkv_projection": "fused" if self.fused_qkv else "separate",
             "projections": self.projections,
             "attention_blocks": self.num_softmax,
+            "final_block_index": self.block_index,
             "rejected_candidates": [f"{n}: {r}" for n, r in self.rejected],
-        } | ({"decomposed_attention": self.decomposed} if self.decomposed else {})
-
-
-def already_patched(model: onnx.ModelProto) -> str | None:
-    """Why the model counts as patched, or None."""
-    for p in model.metadata_props:
-        if p.key == META_SETTINGS_KEY:
-            return f"its metadata already holds {META_SETTINGS_KEY}={p.value}"
-    for n in model.graph.node:
-        if n.name.startswith(INSERTED_PREFIX):
-            return f"it already contains ITAE nodes (e.g. {n.name})"
-    return None
+        }
+        if self.decomposed:
+            out["decomposed_attention"] = self.decomposed
+        if self.itae is not None:
+            out["itae_site"] = self.itae.describe()
+        return out
 
 
 def _strip_scales(ix: GraphIndex, name: str) -> tuple[str, bool]:
@@ -126,11 +135,8 @@ def _is_nan_guard(ix: GraphIndex, node: onnx.NodeProto, t: str) -> bool:
     return cond is not None and cond.op_type == "IsNaN" and cond.input[0] == t and ix.is_data_independent(node.input[1])
 
 
-def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> AttentionMatch:
-    axis = ix.attr(softmax, "axis", -1)
-    if axis not in (-1, 3):
-        raise MatchError("softmax", f"Softmax {softmax.name or softmax.output[0]} normalises axis {axis}, not the key axis (-1)")
-    logits = softmax.input[0]
+def _match_qk(ix: GraphIndex, logits: str) -> tuple[onnx.NodeProto, str, str, list[str]]:
+    """Step qk-matmul: logits = [scale](Q*K^T) [+ data-independent mask]; (MatMul, q, k^T, scale_on)."""
     qk_src, logit_scaled = _strip_scales(ix, logits)
     qk = ix.producer.get(qk_src)
     if qk is not None and qk.op_type == "Add" and len(qk.input) == 2:
@@ -149,67 +155,97 @@ def _match_at(ix: GraphIndex, softmax: onnx.NodeProto, num_softmax: int) -> Atte
     k_t, k_scaled = _strip_scales(ix, qk.input[1])
     if ix.is_data_independent(q) or ix.is_data_independent(k_t):
         raise MatchError("qk-matmul", "an operand of the Q*K^T MatMul is a constant (a classifier, not attention)")
-    pv = None
-    frontier = [softmax.output[0]]
+    scale_on = [s for s, on in (("q", q_scaled), ("k", k_scaled), ("logits", logit_scaled)) if on]
+    return qk, q, k_t, scale_on
+
+
+def _match_pv(ix: GraphIndex, probs: str) -> onnx.NodeProto:
+    """Step pv-matmul: the probabilities (through casts / the SDPA NaN guard) feed MatMul(p, V)."""
+    frontier = [probs]
     for _ in range(4):
         nxt = []
         for t in frontier:
             for c in ix.consumers.get(t, []):
                 if c.op_type == "MatMul" and c.input[0] == t:
-                    pv = c
-                elif c.op_type in PASSTHROUGH_OPS or _is_nan_guard(ix, c, t):
+                    return c
+                if c.op_type in PASSTHROUGH_OPS or _is_nan_guard(ix, c, t):
                     nxt.append(c.output[0])
-        if pv is not None:
-            break
         frontier = nxt
-    if pv is None:
-        raise MatchError("pv-matmul", "the Softmax output does not feed a MatMul with V (attention probabilities @ V)")
-    v = pv.input[1]
+    raise MatchError("pv-matmul", "the Softmax output does not feed a MatMul with V (attention probabilities @ V)")
+
+
+def _match_projections(ix: GraphIndex, q: str, k_t: str, v: str) -> dict[str, str]:
+    """Step qkv-projection: q, k^T and v come from linear projections through layout ops."""
     projections = {}
     for label, t in (("q", q), ("k", k_t), ("v", v)):
         proj = _find_projection(ix, t)
         if proj is None:
             raise MatchError("qkv-projection", f"{label} does not come from a linear projection through reshapes/splits")
         projections[label] = proj
-    scale_on = [s for s, on in (("q", q_scaled), ("k", k_scaled), ("logits", logit_scaled)) if on]
-    return AttentionMatch(softmax, qk, pv, logits, q, k_t, v, scale_on, projections, num_softmax)
+    return projections
+
+
+def match_attention_at(ix: GraphIndex, softmax: onnx.NodeProto, num_blocks: int) -> AttentionMatch:
+    """Match the attention block around `softmax` (steps softmax, qk-matmul, pv-matmul,
+    qkv-projection); raises MatchError naming the step that failed. An ITAE subgraph already at this
+    Softmax is seen through (AttentionMatch.itae)."""
+    axis = ix.attr(softmax, "axis", -1)
+    if axis not in (-1, 3):
+        raise MatchError("softmax", f"Softmax {node_label(softmax)} normalises axis {axis}, not the key axis (-1)")
+    site = find_itae_site(ix, softmax)
+    logits = site.logits if site is not None else softmax.input[0]
+    qk, q, k_t, scale_on = _match_qk(ix, logits)
+    pv = _match_pv(ix, site.probs if site is not None else softmax.output[0])
+    v = pv.input[1]
+    projections = _match_projections(ix, q, k_t, v)
+    return AttentionMatch(softmax, qk, pv, logits, q, k_t, v, scale_on, projections, num_blocks, itae=site)
+
+
+def _match_decomposed(model: onnx.ModelProto) -> AttentionMatch:
+    """opset >= 23 fused Attention with no attention Softmax after it: match its exact decomposition
+    in a copy (apply_itae decomposes its own copy first, so it never gets here)."""
+    explicit = onnx.ModelProto()
+    explicit.CopyFrom(model)
+    name = decompose_final_attention(explicit)
+    m = match_final_attention(explicit)
+    m.decomposed = name
+    return m
 
 
 def match_final_attention(model: onnx.ModelProto, ix: GraphIndex | None = None) -> AttentionMatch:
-    """Match the final attention block; try Softmax nodes from the last one backwards so that a
-    classifier Softmax after the blocks is skipped (and reported as a rejected candidate)."""
-    from .decompose import decompose_final_attention, final_fused_attention
-
+    """Match the final attention block: the last attention Softmax (anchor.py). Non-attention
+    Softmax nodes after it (a classifier head) are skipped and reported in `rejected`; when the
+    final attention does not match, MatchError names the failed step (never an earlier block)."""
     if final_fused_attention(model) is not None:
-        # opset >= 23 fused Attention with no Softmax after it: match its exact decomposition in a
-        # copy (apply_itae decomposes its own copy first, so it never gets here)
-        explicit = onnx.ModelProto()
-        explicit.CopyFrom(model)
-        name = decompose_final_attention(explicit)
-        m = match_final_attention(explicit)
-        m.decomposed = name
-        return m
+        return _match_decomposed(model)
     ix = ix or GraphIndex(model)
-    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
-    if not softmaxes:
+    layout = attention_layout(model, ix)
+    if not layout.verdicts:
         raise MatchError("softmax", "the graph has no Softmax node, so no attention block; is this a ViT graph?")
-    # blocks still fused (opset >= 23 Attention before the decomposed final one) count too
-    num_blocks = len(softmaxes) + sum(n.op_type in ("Attention", "MultiHeadAttention") for n in model.graph.node)
-    rejected: list[tuple[str, str]] = []
-    for sm in reversed(softmaxes):
-        try:
-            m = _match_at(ix, sm, num_blocks)
-            m.rejected = rejected
-            return m
-        except MatchError as e:
-            rejected.append((sm.name or sm.output[0], str(e)))
-            last_error = e
-    raise MatchError(
-        last_error.step,
-        f"no Softmax matched an attention block; last candidate: {last_error.reason}"
-        + (f" (also rejected {len(rejected) - 1} other Softmax)" if len(rejected) > 1 else ""),
-        "itae-inspect prints every rejected candidate",
-    )
+    rejected = [(node_label(v.node), f"not an attention block: {v.reason}") for v in layout.after_final()]
+    final = layout.final
+    if final is None:
+        last = layout.verdicts[-1]
+        others = len(layout.verdicts) - 1
+        raise MatchError(
+            last.step,
+            "no Softmax is attention (4-D logits from a Q*K^T MatMul, feeding a MatMul with V); the last, "
+            f"{node_label(last.node)}: {last.reason}" + (f" (and {others} other Softmax)" if others else ""),
+            "itae-inspect prints every rejected candidate",
+        )
+    idx = layout.block_index(final)
+    try:
+        m = match_attention_at(ix, final, layout.num_blocks)
+    except MatchError as e:
+        raise MatchError(
+            e.step,
+            f"the final attention block (block {idx} of {layout.num_blocks}, Softmax {node_label(final)}) does "
+            f"not match: {e.reason}",
+            FINAL_ONLY_HINT,
+        ) from e
+    m.rejected = rejected
+    m.block_index = idx
+    return m
 
 
 TOKEN_AXIS = (1, -2)
@@ -370,8 +406,9 @@ def _token_count(ix: GraphIndex, name: str) -> int | None:
 
 
 def infer_num_prefix_tokens(model: onnx.ModelProto, ix: GraphIndex | None = None) -> int | None:
-    """CLS + registers, from our own metadata, else from the token Concat."""
-    for p in model.metadata_props:
-        if p.key == "itae_export.num_prefix_tokens":
-            return int(p.value)
+    """CLS + registers, from our own metadata (metadata.NUM_PREFIX_TOKENS, legacy spelling
+    accepted), else from the token Concat."""
+    recorded = read_metadata(model).num_prefix_tokens
+    if recorded is not None:
+        return recorded
     return _prefix_from_concat(ix or GraphIndex(model))

@@ -28,15 +28,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import PreprocessPassError  # noqa: F401 - re-exported
-from .graph import external_locations
+from .errors import PreprocessPassError, UnsafeLocationError
+from .graph import external_locations, resolve_external_location
+from .metadata import L2_NORMALIZE, UINT8_NHWC_INPUT, read_metadata, set_metadata_props
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# metadata_props keys; their presence marks a pass as applied (re-application is refused).
-UINT8_INPUT_KEY = "itae_export.uint8_nhwc_input"
-L2_NORMALIZE_KEY = "itae_export.l2_normalize"
+# metadata_props keys (defined in metadata.py); their presence marks a pass as applied
+# (re-application is refused).
+UINT8_INPUT_KEY = UINT8_NHWC_INPUT
+L2_NORMALIZE_KEY = L2_NORMALIZE
 
 _FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
@@ -80,16 +82,20 @@ def _opset(model: onnx.ModelProto) -> int:
     raise PreprocessPassError("the model imports no default ONNX opset; it is not a usable ONNX graph")
 
 
-def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
+class UnsafeDataLocation(PreprocessPassError, UnsafeLocationError):
+    """An external-data location outside the model's folder: both a PreprocessPassError (what this
+    module's callers catch) and an UnsafeLocationError (graph.resolve_external_location's rule)."""
+
+
+def _safe_location(base: str | Path, loc: str) -> Path:
+    try:
+        return resolve_external_location(base, loc)
+    except UnsafeLocationError as e:
+        raise UnsafeDataLocation(str(e)) from e
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: dict) -> None:
-    for p in model.metadata_props:
-        if p.key == key:
-            p.value = json.dumps(value, sort_keys=True)
-            return
-    model.metadata_props.add(key=key, value=json.dumps(value, sort_keys=True))
+    set_metadata_props(model, {key: json.dumps(value, sort_keys=True)})
 
 
 def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -177,6 +183,9 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ------------------------------------------------------------------------------------ (a) uint8 NHWC
+#
+#   uint8 [B,H,W,3] --Cast(float32)--> Transpose(0,3,1,2) --Mul(1/(255 std))--> Add(-mean/std)
+#       [--Cast(float16)] --> the old float input [B,3,H,W] (now an internal tensor) --> rest of graph
 
 
 def add_uint8_nhwc_input(
@@ -190,22 +199,45 @@ def add_uint8_nhwc_input(
 
     The model must have one float32/float16 input [B, 3, H, W] with static H, W (B may be dynamic;
     it is kept as is). `input_name` names the new input; by default it keeps the old input's name
-    (the float tensor inside is renamed).
+    (the float tensor inside is renamed). Steps: match the input -> check it and the constants ->
+    rewrite (prepend the nodes, swap the graph input) -> record in metadata.
     """
-    # match
-    if UINT8_INPUT_KEY in _metadata(model):
+    src, elem, dims = _match_image_input(model)
+    mean_a, std_a = _check_mean_std(mean, std)
+    new_name = input_name or src.name
+    if new_name != src.name and new_name in _all_names(model.graph):
+        raise PreprocessPassError(f"input name {new_name!r} is already used in the graph; choose another")
+
+    out = _copy(model)
+    nodes = _rewrite_uint8_input(out.graph, src.name, new_name, elem, dims, mean_a, std_a)
+    result = Uint8InputResult(
+        input_name=new_name,
+        source_input=src.name,
+        batch=dims[0] if dims[0] is not None else "?",
+        height=dims[2],  # type: ignore[arg-type]
+        width=dims[3],  # type: ignore[arg-type]
+        graph_dtype=_FLOAT_TYPES[elem],
+        mean=tuple(float(v) for v in mean_a),
+        std=tuple(float(v) for v in std_a),
+        nodes=tuple(n.op_type for n in nodes),
+    )
+    _set_metadata(out, UINT8_INPUT_KEY, {**result.to_dict(), "layout": "NHWC", "dtype": "uint8"})
+    return out, result
+
+
+def _match_image_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, int, list]:
+    """The one float [B, 3, H, W] graph input with static H, W: (its value info, elem type, dims)."""
+    if read_metadata(model).uint8_nhwc_input is not None:
         raise PreprocessPassError(
             f"the uint8 NHWC input was already added to this model (metadata key {UINT8_INPUT_KEY!r}); "
             "apply it to the float model instead"
         )
-    graph = model.graph
-    inputs = _graph_inputs(graph)
+    inputs = _graph_inputs(model.graph)
     if len(inputs) != 1:
         raise PreprocessPassError(
             f"expected exactly one graph input (the image), found {len(inputs)}: {[v.name for v in inputs]}"
         )
     src = inputs[0]
-    # check
     elem = src.type.tensor_type.elem_type if src.type.HasField("tensor_type") else 0
     if elem not in _FLOAT_TYPES:
         name = TensorProto.DataType.Name(elem) if elem else "non-tensor"
@@ -220,6 +252,10 @@ def add_uint8_nhwc_input(
         raise PreprocessPassError(
             f"input {src.name!r} has shape {dims}; H and W must be static (export at a fixed image size)"
         )
+    return src, elem, dims
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     mean_a = np.asarray(mean, dtype=np.float64)
     std_a = np.asarray(std, dtype=np.float64)
     if (
@@ -229,17 +265,16 @@ def add_uint8_nhwc_input(
         or not np.all(np.isfinite(mean_a))
     ):
         raise PreprocessPassError(f"mean and std must be 3 finite values with std > 0; got {mean} / {std}")
-    new_name = input_name or src.name
-    if new_name != src.name and new_name in _all_names(graph):
-        raise PreprocessPassError(f"input name {new_name!r} is already used in the graph; choose another")
+    return mean_a, std_a
 
-    # rewrite
-    out = _copy(model)
-    g = out.graph
-    src_out = next(v for v in g.input if v.name == src.name)
+
+def _rewrite_uint8_input(g: onnx.GraphProto, src_name: str, new_name: str, elem: int, dims: list,
+                         mean_a: np.ndarray, std_a: np.ndarray) -> list[onnx.NodeProto]:
+    """Prepend the Cast/Transpose/Mul/Add nodes and swap the graph input (in place); the nodes."""
+    src_out = next(v for v in g.input if v.name == src_name)
     namer = _Namer(g, "uint8_input")
-    internal = namer(f"{src.name}_normalized")
-    _rename_uses(g, src.name, internal)
+    internal = namer(f"{src_name}_normalized")
+    _rename_uses(g, src_name, internal)
 
     # One Mul + Add: ((x / 255) - mean) / std == x * (1 / (255 std)) + (-mean / std), folded in float64.
     scale = (1.0 / (255.0 * std_a)).reshape(1, 3, 1, 1)
@@ -261,7 +296,7 @@ def add_uint8_nhwc_input(
         nodes.append(helper.make_node("Add", [t_mul, bias_t.name], [t_add], name=namer("Add")))
         nodes.append(helper.make_node("Cast", [t_add], [internal], name=namer("Cast"), to=elem))
 
-    new_input = helper.make_tensor_value_info(new_name, TensorProto.UINT8, [dims[0], h, w, 3])
+    new_input = helper.make_tensor_value_info(new_name, TensorProto.UINT8, [dims[0], dims[2], dims[3], 3])
     if isinstance(dims[0], str) or dims[0] is None:
         # keep the original batch dim exactly (symbolic name or unknown)
         new_input.type.tensor_type.shape.dim[0].CopyFrom(src_out.type.tensor_type.shape.dim[0])
@@ -273,23 +308,13 @@ def add_uint8_nhwc_input(
     old_nodes = list(g.node)
     del g.node[:]
     g.node.extend(nodes + old_nodes)
-
-    result = Uint8InputResult(
-        input_name=new_name,
-        source_input=src.name,
-        batch=dims[0] if dims[0] is not None else "?",
-        height=h,
-        width=w,
-        graph_dtype=_FLOAT_TYPES[elem],
-        mean=tuple(float(v) for v in mean_a),
-        std=tuple(float(v) for v in std_a),
-        nodes=tuple(n.op_type for n in nodes),
-    )
-    _set_metadata(out, UINT8_INPUT_KEY, {**result.to_dict(), "layout": "NHWC", "dtype": "uint8"})
-    return out, result
+    return nodes
 
 
 # ------------------------------------------------------------------------------- (b) L2 normalisation
+#
+#   producer --> x [B,D] (renamed x_unnormalized) [--Cast(float32)]
+#       --> ReduceL2(axis -1, keepdims) --> Max(eps) --> Div(x, .) [--Cast(float16)] --> output (same name)
 
 
 def add_l2_normalize(
@@ -299,10 +324,30 @@ def add_l2_normalize(
 
     `output_name` picks the output when the graph has several; the output keeps its name.
     Computed in float32 even in float16 graphs (a sum of D squares overflows float16's 65504,
-    and eps underflows it), then cast back, so the output dtype is unchanged.
+    and eps underflows it), then cast back, so the output dtype is unchanged. Steps: match the
+    output -> check it -> rewrite (append the nodes, rename the producer's output) -> metadata.
     """
-    # match
-    if L2_NORMALIZE_KEY in _metadata(model):
+    target, elem, dims = _match_embedding_output(model, output_name)
+    if not (eps > 0 and np.isfinite(eps)):
+        raise PreprocessPassError(f"eps must be a small positive number, got {eps}")
+
+    out = _copy(model)
+    nodes = _rewrite_l2_output(out, target.name, elem, eps)
+    result = L2NormalizeResult(
+        output_name=target.name,
+        dim=dims[1] if len(dims) == 2 and dims[1] is not None else "?",
+        eps=float(eps),
+        graph_dtype=_FLOAT_TYPES[elem],
+        compute_dtype="float32",
+        nodes=tuple(n.op_type for n in nodes),
+    )
+    _set_metadata(out, L2_NORMALIZE_KEY, result.to_dict())
+    return out, result
+
+
+def _match_embedding_output(model: onnx.ModelProto, output_name: str | None) -> tuple[onnx.ValueInfoProto, int, list]:
+    """The float [B, D] output computed by a node: (its value info, elem type, dims)."""
+    if read_metadata(model).l2_normalize is not None:
         raise PreprocessPassError(
             f"the output is already L2-normalised (metadata key {L2_NORMALIZE_KEY!r}); do not apply twice"
         )
@@ -321,7 +366,6 @@ def add_l2_normalize(
                 f"no graph output named {output_name!r}; outputs are {[o.name for o in outputs]}"
             )
         target = found[0]
-    # check
     elem = target.type.tensor_type.elem_type if target.type.HasField("tensor_type") else 0
     if elem not in _FLOAT_TYPES:
         name = TensorProto.DataType.Name(elem) if elem else "non-tensor"
@@ -331,29 +375,28 @@ def add_l2_normalize(
         raise PreprocessPassError(
             f"output {target.name!r} has shape {dims}; expected an embedding [B, D] (rank 2)"
         )
-    producers = [n for n in graph.node if target.name in n.output]
-    if not producers:
+    if not any(target.name in n.output for n in graph.node):
         raise PreprocessPassError(
             f"output {target.name!r} is not computed by a node (it is an input or constant)"
         )
-    if not (eps > 0 and np.isfinite(eps)):
-        raise PreprocessPassError(f"eps must be a small positive number, got {eps}")
+    return target, elem, dims
 
-    # rewrite
-    out = _copy(model)
+
+def _rewrite_l2_output(out: onnx.ModelProto, target: str, elem: int, eps: float) -> list[onnx.NodeProto]:
+    """Rename the producer's output, append the normalisation nodes (in place); the nodes."""
     g = out.graph
     namer = _Namer(g, "l2_normalize")
-    raw = namer(f"{target.name}_unnormalized")
+    raw = namer(f"{target}_unnormalized")
     # the producer (and any other consumer) now uses `raw`; the graph output name stays
     for node in g.node:
         for i, n in enumerate(node.output):
-            if n == target.name:
+            if n == target:
                 node.output[i] = raw
         for i, n in enumerate(node.input):
-            if n == target.name:
+            if n == target:
                 node.input[i] = raw
     for vi in g.value_info:
-        if vi.name == target.name:
+        if vi.name == target:
             vi.name = raw
 
     compute = TensorProto.FLOAT
@@ -372,42 +415,35 @@ def add_l2_normalize(
         nodes.append(helper.make_node("ReduceL2", [x], [norm], name=namer("ReduceL2"), axes=[-1], keepdims=1))
     nodes.append(helper.make_node("Max", [norm, inits[0].name], [denom], name=namer("Max")))
     if elem == compute:
-        nodes.append(helper.make_node("Div", [x, denom], [target.name], name=namer("Div")))
+        nodes.append(helper.make_node("Div", [x, denom], [target], name=namer("Div")))
     else:
         y = namer("y_float")
         nodes.append(helper.make_node("Div", [x, denom], [y], name=namer("Div")))
-        nodes.append(helper.make_node("Cast", [y], [target.name], name=namer("Cast"), to=elem))
+        nodes.append(helper.make_node("Cast", [y], [target], name=namer("Cast"), to=elem))
     g.initializer.extend(inits)
     g.node.extend(nodes)
-
-    result = L2NormalizeResult(
-        output_name=target.name,
-        dim=dims[1] if len(dims) == 2 and dims[1] is not None else "?",
-        eps=float(eps),
-        graph_dtype=_FLOAT_TYPES[elem],
-        compute_dtype="float32",
-        nodes=tuple(n.op_type for n in nodes),
-    )
-    _set_metadata(out, L2_NORMALIZE_KEY, result.to_dict())
-    return out, result
+    return nodes
 
 
 def applied_passes(model: onnx.ModelProto) -> dict[str, dict]:
     """The deployment passes recorded in `model`'s metadata: {key: recorded settings}."""
-    md = _metadata(model)
-    return {k: json.loads(md[k]) for k in (UINT8_INPUT_KEY, L2_NORMALIZE_KEY) if k in md}
+    meta = read_metadata(model)
+    recorded = {UINT8_INPUT_KEY: meta.uint8_nhwc_input, L2_NORMALIZE_KEY: meta.l2_normalize}
+    return {k: v for k, v in recorded.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------- external data
 
 
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
-    """Relative paths of the external data files `model` refers to (sorted, unique)."""
+    """Relative paths of the external data files `model` refers to (sorted, unique). A location that
+    is not a plain relative path (absolute, '..') raises UnsafeDataLocation; where the files are
+    opened (copy_external_data), graph.resolve_external_location also checks symlinks."""
     locs = external_locations(model)
     for loc in locs:
         p = Path(loc)
         if p.is_absolute() or ".." in p.parts:
-            raise PreprocessPassError(
+            raise UnsafeDataLocation(
                 f"external data location {loc!r} is not a plain relative path; re-save the model with "
                 "its data beside it"
             )
@@ -423,7 +459,8 @@ def copy_external_data(model: onnx.ModelProto, source_dir: str | Path, dest_dir:
     copied = []
     src_dir, dst_dir = Path(source_dir), Path(dest_dir)
     for loc in external_data_locations(model):
-        src, dst = src_dir / loc, dst_dir / loc
+        # both ends through the location rule: no '..', and no symlink out of either folder
+        src, dst = _safe_location(src_dir, loc), _safe_location(dst_dir, loc)
         if not src.is_file():
             raise FileNotFoundError(f"external data file {src} (referenced by the model) is missing")
         if dst.exists():
@@ -459,7 +496,7 @@ def save_model(
     if source_path is not None:
         copy_external_data(model, Path(source_path).parent, out_p.parent)
     elif external_data_locations(model):
-        missing = [loc for loc in external_data_locations(model) if not (out_p.parent / loc).is_file()]
+        missing = [loc for loc in external_data_locations(model) if not _safe_location(out_p.parent, loc).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"the model refers to external data {missing} not present beside {out_p}; pass source_path"

@@ -251,7 +251,9 @@ def test_metadata_written():
     patched, _ = apply_itae(_attention_graph(), ITAEConfig(norm_source="k"), num_prefix_tokens=P, metadata={"m": "x"})
     meta = {p.key: p.value for p in patched.metadata_props}
     assert '"norm_source": "k"' in meta["itae.settings"]
-    assert meta["itae.num_prefix_tokens"] == str(P) and meta["m"] == "x"
+    # one canonical key per entry (graph_passes.metadata): the legacy "itae.num_prefix_tokens" is not written
+    assert meta["itae_export.num_prefix_tokens"] == str(P) and meta["m"] == "x"
+    assert "itae.num_prefix_tokens" not in meta
 
 
 def _conv_net() -> onnx.ModelProto:
