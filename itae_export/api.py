@@ -17,9 +17,16 @@ from .results import ExportResult
 _DEFAULT = object()
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken install counts as missing
+        return False
+
+
 def require_torch() -> None:
     """Exporting needs PyTorch and timm (the [torch] extra); say so in one sentence if missing."""
-    missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("torch", "timm") if not _installed(m)]
     if missing:
         raise MissingDependencyError(
             f"exporting needs {' and '.join(missing)}, which are not installed; run "

@@ -79,27 +79,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ItaeError, OutputExistsError, UsageError
-
-try:  # the owner of errors.py moves these classes there; until then they live here
-    from .errors import OutputBusyError, OutputError, Terminated
-except ImportError:  # pragma: no cover - depends on the errors.py in the tree
-
-    class OutputError(ItaeError):
-        """The output path cannot be written: read-only, full, or no permission."""
-
-        exit_code = 5
-
-    class OutputBusyError(ItaeError):
-        """Another process (or thread) holds the lock on the output path."""
-
-        exit_code = 6
-
-    class Terminated(ItaeError):
-        """SIGTERM: handled like SIGINT (everything staged is removed)."""
-
-        exit_code = 143
-
+from .errors import OutputBusyError, OutputError, OutputExistsError, Terminated, UsageError
 
 __all__ = [
     "OutputBusyError",

@@ -202,7 +202,7 @@ def reference_figures(model, req: ExportRequest) -> Reference:
 
 
 def export_graph(model, req: ExportRequest, staged: Path) -> Path:
-    from .export import export_onnx
+    from .onnx_export import export_onnx
 
     t0 = time.perf_counter()
     log.info(f"[2/4] exporting with the {req.exporter} exporter ...")

@@ -31,7 +31,7 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, tiny_models):
     """{(variant, exporter): path} of baseline ONNX exports, made once per session."""
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
 
     root = tmp_path_factory.mktemp("exports")
     cache: dict = {}

@@ -86,7 +86,7 @@ def baseline_ext(tmp_path_factory):
     """A baseline export whose weights live in an external .data file."""
     from conftest import tiny_model
 
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
 
     d = tmp_path_factory.mktemp("src")
     return export_onnx(tiny_model("reg"), d / "base.onnx", img_size=56, external_data=True)

@@ -28,7 +28,7 @@ def onnx_models(tmp_path_factory) -> tuple[Path, Path]:
     import onnx
 
     from graph_passes.itae import apply_itae
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
 
     d = tmp_path_factory.mktemp("onnx")

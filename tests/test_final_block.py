@@ -299,6 +299,18 @@ def test_metadata_types_are_checked(key, value):
         md.ArtifactMetadata(img_size="224")  # type: ignore[arg-type]
 
 
+def test_one_field_read_alone():
+    m = two_blocks()
+    m.metadata_props.add(key=md.FAST_PATH_ACCURACY, value="{broken")
+    m.metadata_props.add(key="itae.num_prefix_tokens", value="3")
+    assert md.metadata_field(m, "num_prefix_tokens") == 3 and infer_num_prefix_tokens(m) == 3
+    with pytest.raises(MetadataError, match=md.FAST_PATH_ACCURACY):
+        md.read_metadata(m)
+    m.metadata_props.add(key=md.NUM_PREFIX_TOKENS, value="x")
+    with pytest.raises(MetadataError, match=md.NUM_PREFIX_TOKENS):
+        infer_num_prefix_tokens(m)
+
+
 def test_conflicting_spellings_refused():
     m = two_blocks()
     m.metadata_props.add(key="itae.img_size", value="56")

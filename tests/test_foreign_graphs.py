@@ -47,7 +47,7 @@ def _cfg(model, images, **kw) -> ITAEConfig:
 
 @pytest.fixture(scope="module")
 def opset23(tmp_path_factory, tiny_models):
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
 
     return export_onnx(tiny_models["plain"], tmp_path_factory.mktemp("o23") / "o23.onnx", img_size=IMG, opset=23)
 
@@ -431,7 +431,7 @@ def test_onnxsim_patch(variant, exporter, opts, exported, tiny_models, images, t
 # --- opsets between the default (18) and the fused Attention op (23) ------------------------------
 @pytest.mark.parametrize("opset", [19, 20, 21, 22])
 def test_intermediate_opsets_patch_matches_reference(opset, tiny_models, images, tmp_path):
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
 
     model = tiny_models["plain"]
     path = export_onnx(model, tmp_path / f"o{opset}.onnx", img_size=IMG, opset=opset)

@@ -64,7 +64,7 @@ def test_fuse_exported(exported, variant, exporter):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_fuse_depth3(tmp_path, exporter):
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
 
     model = build_model("dinov2_vits14", random_weights=True, seed=1, depth=3, img_size=IMG)

@@ -26,7 +26,7 @@ META = {"itae_export.model": "dinov2_vits14", "custom.key": "kept"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
 
     d = tmp_path_factory.mktemp("int8")

@@ -100,7 +100,7 @@ def test_baseline_export_matches_model(exported, tiny_models, images):
 def test_pass_works_without_loaded_weights(tmp_path, tiny_models, images):
     """The dynamo export with external data: patch a graph loaded without its weights, save it
     beside the data file, run it."""
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
 
     path = export_onnx(tiny_models["plain"], tmp_path / "ext.onnx", img_size=56, external_data=True)
     assert (tmp_path / "ext.onnx.data").is_file()
@@ -120,7 +120,7 @@ def test_pass_works_without_loaded_weights(tmp_path, tiny_models, images):
 def test_planted_artifacts_flagged_and_attenuated(planted, tmp_path):
     """The pass flags exactly the planted artifact tokens and the CLS attention mass on them drops:
     with min-logit each keeps only the weight of the least-attended patch."""
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
 
     model, imgs, mask = planted
     cfg = ITAEConfig()  # defaults: v, token, high, relative 2.0 x mean, min-logit, CLS row

@@ -365,7 +365,7 @@ def dinov2_onnx(tmp_path_factory: pytest.TempPathFactory):
     from graph_passes.config import ITAEConfig
     from graph_passes.itae import apply_itae
     from graph_passes.preprocess import save_model
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
     from itae_export.reference import ITAEReference
 

@@ -169,7 +169,7 @@ def run_measured(cmd: list[str]) -> dict[str, Any]:
 
 
 def child_export(model: str, img_size: int, depth: int | None, out: str) -> None:
-    from itae_export.export import export_onnx
+    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
 
     emb = build_model(model, random_weights=True, img_size=img_size, depth=depth)
