@@ -24,7 +24,7 @@ import onnx
 
 from .anchor import attention_layout, node_label, score_matmul
 from .graph import GraphIndex
-from .metadata import ITAE_SETTINGS, read_metadata
+from .metadata import ITAE_SETTINGS
 
 COMPARE_OPS = ("Greater", "Less", "GreaterOrEqual", "LessOrEqual")
 BOOL_OPS = ("And", "Or", "Not", "Xor", "Cast", "Identity", "Expand", "Unsqueeze", "Squeeze", "Reshape",
@@ -260,7 +260,7 @@ def already_patched(model: onnx.ModelProto, ix: GraphIndex | None = None) -> Pat
                 f"it already contains ITAE nodes in attention block {idx} (0-based from the input, of "
                 f"{layout.num_blocks}): {site.describe()}",
                 block_index=idx, num_blocks=layout.num_blocks, site=site)
-    if read_metadata(model).itae is not None:
+    if any(p.key == ITAE_SETTINGS for p in model.metadata_props):
         return PatchInfo(
             f"its metadata records applied ITAE settings ({ITAE_SETTINGS}) although no ITAE subgraph was found "
             "at any attention block (rewritten by another tool?)",

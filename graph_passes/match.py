@@ -31,7 +31,7 @@ from .decompose import decompose_final_attention, final_fused_attention
 from .detect import ItaeSite, PatchInfo, already_patched, find_itae_site  # noqa: F401 - re-exported
 from .errors import AlreadyPatchedError, MatchError, PassError  # noqa: F401 - re-exported
 from .graph import GraphIndex
-from .metadata import ITAE_SETTINGS, read_metadata
+from .metadata import ITAE_SETTINGS, metadata_field
 
 SCALE_OPS = ("Mul", "Div")
 PASSTHROUGH_OPS = ("Cast", "Identity", "Dropout")
@@ -408,7 +408,7 @@ def _token_count(ix: GraphIndex, name: str) -> int | None:
 def infer_num_prefix_tokens(model: onnx.ModelProto, ix: GraphIndex | None = None) -> int | None:
     """CLS + registers, from our own metadata (metadata.NUM_PREFIX_TOKENS, legacy spelling
     accepted), else from the token Concat."""
-    recorded = read_metadata(model).num_prefix_tokens
+    recorded = metadata_field(model, "num_prefix_tokens")
     if recorded is not None:
         return recorded
     return _prefix_from_concat(ix or GraphIndex(model))

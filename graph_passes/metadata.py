@@ -211,6 +211,16 @@ def read_metadata(model: onnx.ModelProto) -> ArtifactMetadata:
     return ArtifactMetadata(**values, extra=extra)  # type: ignore[arg-type]
 
 
+def metadata_field(model: onnx.ModelProto, name: str) -> object | None:
+    """One typed ArtifactMetadata field (e.g. "num_prefix_tokens") of `model`, legacy spelling
+    accepted, None when absent. Only that entry is decoded (and refused when malformed), so a reader
+    that needs one value does not fail on an unrelated entry."""
+    key = FIELD_KEYS[name]
+    entries = {p.key: p.value for p in model.metadata_props if canonical_key(p.key) == key}
+    props = _canonical_props(entries)
+    return _decode(key, props[key]) if key in props else None
+
+
 def set_metadata_props(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
     """Add or replace metadata entries in place. Keys of ours are type-checked (an img_size that is
     not an integer string is refused) and written in their canonical spelling; a legacy spelling of

@@ -15,11 +15,12 @@ the external-data references valid.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import PreprocessPassError, UnsafeLocationError
 from .graph import external_locations, resolve_external_location
-from .metadata import L2_NORMALIZE, UINT8_NHWC_INPUT, read_metadata, set_metadata_props
+from .metadata import L2_NORMALIZE, UINT8_NHWC_INPUT, metadata_field, set_metadata_props
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -227,7 +228,7 @@ def add_uint8_nhwc_input(
 
 def _match_image_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, int, list]:
     """The one float [B, 3, H, W] graph input with static H, W: (its value info, elem type, dims)."""
-    if read_metadata(model).uint8_nhwc_input is not None:
+    if metadata_field(model, "uint8_nhwc_input") is not None:
         raise PreprocessPassError(
             f"the uint8 NHWC input was already added to this model (metadata key {UINT8_INPUT_KEY!r}); "
             "apply it to the float model instead"
@@ -347,7 +348,7 @@ def add_l2_normalize(
 
 def _match_embedding_output(model: onnx.ModelProto, output_name: str | None) -> tuple[onnx.ValueInfoProto, int, list]:
     """The float [B, D] output computed by a node: (its value info, elem type, dims)."""
-    if read_metadata(model).l2_normalize is not None:
+    if metadata_field(model, "l2_normalize") is not None:
         raise PreprocessPassError(
             f"the output is already L2-normalised (metadata key {L2_NORMALIZE_KEY!r}); do not apply twice"
         )
@@ -427,8 +428,8 @@ def _rewrite_l2_output(out: onnx.ModelProto, target: str, elem: int, eps: float)
 
 def applied_passes(model: onnx.ModelProto) -> dict[str, dict]:
     """The deployment passes recorded in `model`'s metadata: {key: recorded settings}."""
-    meta = read_metadata(model)
-    recorded = {UINT8_INPUT_KEY: meta.uint8_nhwc_input, L2_NORMALIZE_KEY: meta.l2_normalize}
+    recorded = {UINT8_INPUT_KEY: metadata_field(model, "uint8_nhwc_input"),
+                L2_NORMALIZE_KEY: metadata_field(model, "l2_normalize")}
     return {k: v for k, v in recorded.items() if v is not None}
 
 
@@ -455,6 +456,10 @@ def copy_external_data(model: onnx.ModelProto, source_dir: str | Path, dest_dir:
 
     A file already at the destination is kept if it is the same file or has identical content;
     a different file there is an error (it would silently change the weights).
+
+    The caller stages: the files are copied in place (big files: no temporary copy; a failed copy is
+    removed) and get the default mode; itae_export copies into an output transaction's staging
+    folder, whose commit makes them appear at once and sets their modes.
     """
     copied = []
     src_dir, dst_dir = Path(source_dir), Path(dest_dir)
@@ -470,15 +475,12 @@ def copy_external_data(model: onnx.ModelProto, source_dir: str | Path, dest_dir:
                 f"{dst} exists with different content; it would not match the model's weights"
             )
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-        os.close(fd)
         try:
-            shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o644)  # onnx.save writes .data with 0600; servers may run as another user
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            shutil.copyfile(src, dst)  # the caller stages (see the docstring)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dst.unlink()  # no partial copy left behind
+            raise
         copied.append(dst)
     return copied
 
@@ -489,7 +491,9 @@ def save_model(
     """Save a model whose weights may be external references (loaded with load_external_data=False).
 
     The references are relative to the model file, so when `out_path` is in another directory than
-    `source_path` the data files are copied beside it. The .onnx file is written atomically.
+    `source_path` the data files are copied beside it (in place: see copy_external_data). The .onnx
+    file is written to a temporary name beside `out_path` and renamed over it; its mode is the
+    default one. The caller stages: itae_export writes into an output transaction's staging folder.
     """
     out_p = Path(out_path)
     out_p.parent.mkdir(parents=True, exist_ok=True)
@@ -501,14 +505,12 @@ def save_model(
             raise FileNotFoundError(
                 f"the model refers to external data {missing} not present beside {out_p}; pass source_path"
             )
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=".tmp", dir=out_p.parent)
-    os.close(fd)
+    tmp = out_p.parent / f".{out_p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         # only the proto is written: tensors with external references and no loaded bytes are left alone
-        onnx.save(model, tmp)
-        os.chmod(tmp, 0o644)
+        onnx.save(model, str(tmp))
         os.replace(tmp, out_p)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return out_p
