@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graph_passes import metadata as md
 from graph_passes.config import ITAEConfig
 from graph_passes.errors import PassError
 from graph_passes.graph import GraphIndex, all_tensors, check_external_data, external_locations
@@ -98,7 +99,7 @@ def patch(src: str | Path, out: str | Path, *, itae: ITAEConfig | None = None, n
     shared = data_files if (data_files and not copy_weights and _same_folder(src, out)) else []
     with OutputTransaction(out, inputs=[src, *data_files], force=force, shared=shared) as txn:
         img = static_image_size(model)
-        meta = {"itae_export.img_size": str(img)} if img else {}
+        meta = md.export_metadata(img_size=img) if img else {}
         try:
             patched, result = apply_itae(model, cfg, num_prefix_tokens=num_prefix_tokens, metadata=meta)
         except PassError as e:
