@@ -31,9 +31,7 @@ opset is not upgraded (opset < 11 is refused); producer_name and metadata are le
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,7 +210,7 @@ class _DataWriter:
 def quantize_dynamic_int8(onnx_in: str | Path, onnx_out: str | Path, *, exclude: set[str],
                           per_channel: bool = True, weight_type: str = "qint8") -> Int8Result:
     """Quantize the MatMul weights of `onnx_in` (except nodes named in `exclude`) to int8 and write
-    `onnx_out` atomically (temporary files beside it, then os.replace); the input is never modified.
+    `onnx_out` (the caller stages: written in place, removed again on failure); the input is never modified.
     The output keeps its weights in `<onnx_out name>.data` when the input had external data, else inline.
     Raises Int8Error (a ValueError) for unusable paths/models, UnsafeLocationError for an external-data
     location outside the model's folder, FileNotFoundError for a missing input.
@@ -340,26 +338,32 @@ def _swap_weights(graph: onnx.GraphProto, wq: dict[str, tuple[str, str, str]]) -
 
 def _stream_and_save(model: onnx.ModelProto, pending: dict[str, TensorProto], wq: dict[str, tuple[str, str, str]],
                      base: Path, out: Path, external: bool, per_channel: bool, weight_type: str) -> None:
-    """Quantize/copy the weights into temporary files beside `out`, check, then rename them over."""
-    out_data_name = out.name + ".data"
+    """Quantize/copy the weights into `<out name>.data` and write the graph to `out`, then check it.
+
+    The caller stages: `out` is written in place (no temporary files, no rename; itae_export passes a
+    path inside its output transaction's staging folder, whose commit makes the result appear at
+    once and sets the modes). What this call wrote is removed again when it fails."""
+    out_data = out.parent / (out.name + ".data")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".int8-", dir=out.parent))
+    made: list[Path] = []  # files this call has started to write
     try:
-        tmp = work / out.name
-        writer = _DataWriter(work / out_data_name, out_data_name) if external else None
+        writer = None
+        if external:
+            made.append(out_data)
+            writer = _DataWriter(out_data, out_data.name)
         try:
             _fill_and_stream(model.graph, pending, wq, base, writer, per_channel, weight_type)
         finally:
             if writer is not None:
                 writer.close()
-        onnx.save_model(model, str(tmp))
-        onnx.checker.check_model(str(tmp))
-        produced = [work / out_data_name, tmp] if external else [tmp]
-        for f in produced:
-            os.chmod(f, 0o644)
-            os.replace(f, out.parent / f.name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        made.append(out)
+        onnx.save_model(model, str(out))
+        onnx.checker.check_model(str(out))
+    except BaseException:
+        for f in made:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        raise
 
 
 def _fill_and_stream(graph: onnx.GraphProto, pending: dict[str, TensorProto], wq: dict[str, tuple[str, str, str]],

@@ -220,12 +220,17 @@ def settings_document(cfg, calibration: dict) -> dict:
     return {"itae": cfg.to_dict(), "calibration": calibration}
 
 
-def write_settings(path: str | Path, cfg, calibration: dict) -> Path:
-    from .fileio import atomic_write_text
+def settings_text(cfg, calibration: dict) -> str:
+    """The settings file's text (JSON, sorted keys)."""
+    return json.dumps(settings_document(cfg, calibration), indent=2, sort_keys=True) + "\n"
 
-    return atomic_write_text(
-        path, json.dumps(settings_document(cfg, calibration), indent=2, sort_keys=True) + "\n"
-    )
+
+def write_settings(path: str | Path, cfg, calibration: dict, *, force: bool = True) -> Path:
+    """Write the settings file through an output transaction (replacing an existing one unless
+    force=False). Callers with their own transaction stage `settings_text(...)` themselves."""
+    from .outputs import write_text_atomic
+
+    return write_text_atomic(path, settings_text(cfg, calibration), force=force)
 
 
 def check_lengths(lengths: np.ndarray, source: str) -> None:

@@ -21,8 +21,9 @@ import numpy as np
 
 from graph_passes.graph import check_external_data
 
-from .errors import DataError, UsageError
-from .fileio import atomic_path, atomic_write_text, sha256_file
+from .errors import DataError, OutputBusyError, UsageError
+from .hashing import sha256_file
+from .outputs import OutputTransaction
 
 CACHE_FORMAT = 1
 
@@ -179,15 +180,24 @@ class EmbeddingCache:
         return emb, npy
 
     def put(self, meta: dict, emb: np.ndarray) -> Path | None:
+        """Store an entry: `<stem>.npy` and `<stem>.json` in one output transaction (the JSON is
+        committed last: an entry without it is never read). An entry being written by another process
+        at the same time is left to it (returns None)."""
         if self.dir is None:
             return None
         stem = self.stem(meta)
-        npy = stem.with_suffix(".npy")
-        with atomic_path(npy, suffix=".npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, emb, allow_pickle=False)
-        # The JSON is written last: an entry without it is never read.
-        atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        npy, js = stem.with_suffix(".npy"), stem.with_suffix(".json")
+        try:
+            with OutputTransaction(js, extra=[npy], force=True, flag="--cache-dir") as tx:
+                staged_npy, staged_js = tx.stage_path(npy), tx.stage_path(js)
+                with open(staged_npy, "wb") as f:
+                    np.save(f, emb, allow_pickle=False)
+                staged_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                tx.add(staged_npy, npy)
+                tx.add(staged_js, js)
+                tx.commit()
+        except OutputBusyError:
+            return None  # the same entry is being stored by another run
         return npy
 
 

@@ -66,7 +66,7 @@ import numpy as np
 from graph_passes.graph import external_locations
 
 from .errors import EngineError, ParityError, UsageError
-from .fileio import atomic_path, atomic_write_text, sha256_file
+from .hashing import sha256_file
 from .jsonable import jsonable
 from .outputs import OutputTransaction
 from .results import RunInfo
@@ -683,6 +683,21 @@ def _load_timing_cache(trt: Any, config: Any, path: Path | None, warnings: list[
     return bool(data)
 
 
+def _save_timing_cache(path: Path, data: bytes, warnings: list[str]) -> None:
+    """Replace the timing cache through an output transaction (mode 0o644, never wider than the cache
+    it replaces). Another build writing the same cache at the same moment wins; this one says so."""
+    from .errors import OutputBusyError
+
+    try:
+        with OutputTransaction(path, force=True, flag="--timing-cache") as tx:
+            staged = tx.stage_path()
+            staged.write_bytes(data)
+            tx.add(staged, source=path if path.is_file() else None)
+            tx.commit()
+    except OutputBusyError:
+        warnings.append(f"timing cache {path} was being written by another build; left as that build writes it")
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -691,7 +706,11 @@ def build_engine(
     *,
     gpu: dict[str, str] | None = None,
 ) -> EngineBuildResult:
-    """Build and atomically write a serialized engine with TensorRT's Python API (10.x / 11.x)."""
+    """Build a serialized engine with TensorRT's Python API (10.x / 11.x) and write it to `engine_path`.
+
+    The caller stages: build_engine_artifact passes a path inside its output transaction's staging
+    folder (committed with the sidecar); nothing is written at `engine_path` when the build fails. The
+    timing cache (a user file read and updated across builds) is replaced through its own transaction."""
     del meta  # the build itself does not depend on the model description
     trt, why = import_tensorrt()
     if trt is None:
@@ -753,15 +772,12 @@ def build_engine(
             + (": " + " | ".join(errs) if errs else "")
             + "; try a larger --workspace, a smaller --max-batch, or --precision fp32"
         )
-    with atomic_path(engine_path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(serialized)
+    with open(engine_path, "wb") as f:
+        f.write(serialized)
     if options.timing_cache is not None:
         cache = config.get_timing_cache()
         if cache is not None:
-            with atomic_path(options.timing_cache) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(cache.serialize())
+            _save_timing_cache(options.timing_cache, bytes(cache.serialize()), warnings)
     return EngineBuildResult(
         engine_path=engine_path,
         precision=precision,
@@ -795,7 +811,9 @@ def build_engine_trtexec(
     trtexec: str,
     gpu: dict[str, str] | None = None,
 ) -> EngineBuildResult:
-    """Build with trtexec (same settings as the script), writing the engine atomically."""
+    """Build with trtexec (same settings as the script), writing the engine to `engine_path` (the
+    caller stages: build_engine_artifact passes a path inside its transaction's staging folder; a failed
+    build removes what trtexec left there). trtexec reads and updates the timing cache itself."""
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     spec = read_input_spec(onnx_path)
     shapes = profile_shapes(spec, options)
@@ -803,20 +821,20 @@ def build_engine_trtexec(
     fp32_nodes = fp32_onnx_nodes(onnx_path) if precision in ("fp16", "bf16") else []
     reused = bool(options.timing_cache and Path(options.timing_cache).is_file())
     t0 = time.perf_counter()
-    with atomic_path(engine_path, suffix=".engine") as tmp:
-        cmd = trtexec_command(onnx_path, tmp, spec, options, precision, fp32_nodes, trtexec=trtexec)
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        except OSError as e:
-            raise EngineError(f"cannot run {trtexec} ({e}); check the TensorRT install or set TRTEXEC") from e
-        out = (r.stdout or "") + (r.stderr or "")
-        if r.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
-            errs = [ln.strip() for ln in out.splitlines() if "[E]" in ln or "Error" in ln][-6:]
-            raise EngineError(
-                f"trtexec failed to build {engine_path.name} (exit {r.returncode})"
-                + (": " + " | ".join(errs) if errs else "")
-                + f"; command: {shlex.join(cmd)}"
-            )
+    cmd = trtexec_command(onnx_path, engine_path, spec, options, precision, fp32_nodes, trtexec=trtexec)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise EngineError(f"cannot run {trtexec} ({e}); check the TensorRT install or set TRTEXEC") from e
+    out = (r.stdout or "") + (r.stderr or "")
+    if r.returncode != 0 or not engine_path.is_file() or engine_path.stat().st_size == 0:
+        engine_path.unlink(missing_ok=True)  # never leave a partial engine behind
+        errs = [ln.strip() for ln in out.splitlines() if "[E]" in ln or "Error" in ln][-6:]
+        raise EngineError(
+            f"trtexec failed to build {engine_path.name} (exit {r.returncode})"
+            + (": " + " | ".join(errs) if errs else "")
+            + f"; command: {shlex.join(cmd)}"
+        )
     pinned = trtexec_layer_specs(fp32_nodes)[0] if precision in ("fp16", "bf16") and options.precision_constraints else []
     return EngineBuildResult(
         engine_path=engine_path,
@@ -877,9 +895,12 @@ def _external_data_files(onnx_path: Path) -> list[Path]:
 
 
 def write_sidecar(engine_path: str | Path, data: dict[str, Any]) -> Path:
-    """Write `<engine>.json` atomically (sorted keys, numpy scalars and Paths converted)."""
+    """Write `<engine_path>.json` (sorted keys, numpy scalars and Paths converted; arrays left out).
+
+    The caller stages: build_engine_artifact passes the engine's staged path, so the sidecar is staged
+    beside it and committed with it in one output transaction."""
     path = Path(str(engine_path) + ".json")
-    atomic_write_text(path, json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n")
+    path.write_text(json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=True) + "\n")
     return path
 
 

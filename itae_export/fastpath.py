@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from graph_passes.graph import GraphIndex, external_locations
 from graph_passes.match import INSERTED_PREFIX, MatchError, match_final_attention
 
 from .errors import ModelError
+from .outputs import OutputTransaction
 
 FAST_PATHS = ("none", "fused", "int8")
 META_FAST_PATH = "itae_export.fast_path"
@@ -129,8 +130,9 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] |
     nodes of `onnx_in` except `exclude` (default: final_block_nodes), by graph_passes.int8: the
     same graph and bit-identical weights as onnxruntime's quantize_dynamic with these settings, but
     weights are streamed one at a time (ViT-g: 0.17 GB peak and 14 s, against 14.1 GB and 93 s for
-    quantize_dynamic). Written atomically: into a temporary folder beside `onnx_out`, then moved into
-    place with its `.data` file (external data format when the input has it). Keeps the input's
+    quantize_dynamic). Written through an output transaction on `onnx_out` (staged beside it, then
+    committed with its `.data` file; an existing `onnx_out` is replaced, the input never): external
+    data format when the input has it, modes never wider than the input's. Keeps the input's
     metadata_props and adds itae_export.fast_path = int8-dynamic.
 
     weight_type "qint8" (U8S8 MatMulInteger) is the default: on x86 with VNNI (the dev box) it was
@@ -149,27 +151,34 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] |
         raise ValueError(f"{out} is the input; choose another output path")
     if exclude is None:
         exclude = final_block_nodes(onnx.load(str(src), load_external_data=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".itae-int8-", dir=out.parent))
-    try:
-        tmp = work / out.name
+    with OutputTransaction(out, inputs=[src, *_data_files(src)], force=True) as tx:
+        staged = tx.stage_path(out)  # same name: the .data file is written as `<out name>.data` beside it
         try:
-            quantize_dynamic_int8(src, tmp, exclude=set(exclude), per_channel=per_channel, weight_type=weight_type)
+            quantize_dynamic_int8(src, staged, exclude=set(exclude), per_channel=per_channel,
+                                  weight_type=weight_type)
         except Int8Error as e:
             raise ModelError(f"int8 quantization of {src} failed: {e}") from e
-        q = onnx.load(str(tmp), load_external_data=False)
+        q = onnx.load(str(staged), load_external_data=False)
         meta = {p.key: p.value for p in q.metadata_props}
         meta[META_FAST_PATH] = FAST_PATH_VALUE
         meta["itae_export.fast_path_weights"] = weight_type + ("-per-channel" if per_channel else "")
         set_metadata(q, meta)
-        onnx.save_model(q, str(tmp))  # graph only: the .data file beside it stays referenced
-        files = [tmp] + [work / loc for loc in external_locations(q)]
-        for f in files:
-            os.chmod(f, 0o644)
-            os.replace(f, out.parent / f.relative_to(work))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        onnx.save_model(q, str(staged))  # graph only: the .data file beside it stays referenced
+        tx.add(staged, out, source=_strictest([src, *_data_files(src)]))
+        tx.commit()
     return out
+
+
+def _data_files(onnx_path: Path) -> list[Path]:
+    """The external data files an ONNX file references (plain names beside it)."""
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return [onnx_path.parent / loc for loc in external_locations(m)]
+
+
+def _strictest(files: list[Path]) -> Path:
+    """The existing file with the fewest permission bits: its mode caps the outputs' (0o644 & mode)."""
+    present = [f for f in files if f.is_file()]
+    return min(present, key=lambda f: bin(stat.S_IMODE(f.stat().st_mode)).count("1")) if present else files[0]
 
 
 def fuse_model(onnx_in: str | Path, onnx_out: str | Path) -> dict[str, Any]:
@@ -192,31 +201,33 @@ def fuse_model(onnx_in: str | Path, onnx_out: str | Path) -> dict[str, Any]:
         raise MatchError("fuse attention", f"no block of {src} could be fused: {res.summary()}",
                          "use --fast-path int8 or no fast path for this graph")
     loc = _single_data_file(fused)
-    made: list[Path] = []
-    try:
+    with OutputTransaction(out, inputs=[src, *_data_files(src)], force=True) as tx:
+        staged = tx.stage_path(out)
+        source = src
         if loc:
-            data = out.parent / (out.name + ".data")
-            tmp_data = out.parent / f".{data.name}.tmp{os.getpid()}"
-            try:
-                os.link(src.parent / loc, tmp_data)
-            except OSError:
-                shutil.copyfile(src.parent / loc, tmp_data)
-            made.append(tmp_data)
-            _relocate(fused, loc, data.name)
+            data = src.parent / loc
+            source = _strictest([src, data])
+            staged_data = tx.staging / (out.name + ".data")
+            # a hard link shares the input's inode, whose mode the commit sets: link only when that
+            # mode stays as it is (0o644 & the strictest source's mode), else copy
+            final_mode = 0o644 & stat.S_IMODE(source.stat().st_mode)
+            linked = False
+            if stat.S_IMODE(data.stat().st_mode) == final_mode:
+                try:
+                    os.link(data, staged_data)
+                    linked = True
+                except OSError:
+                    pass
+            if not linked:
+                shutil.copyfile(data, staged_data)
+            _relocate(fused, loc, staged_data.name)
         meta = {p.key: p.value for p in fused.metadata_props}
         meta[META_FAST_PATH] = FUSED_VALUE
         meta["itae_export.fused_attention"] = json.dumps(res.to_dict(), sort_keys=True)
         set_metadata(fused, meta)
-        tmp_graph = out.parent / f".{out.name}.tmp{os.getpid()}"
-        onnx.save_model(fused, str(tmp_graph))
-        made.append(tmp_graph)
-        if loc:
-            os.replace(tmp_data, data)
-        os.replace(tmp_graph, out)
-        made.clear()
-    finally:
-        for f in made:
-            f.unlink(missing_ok=True)
+        onnx.save_model(fused, str(staged))
+        tx.add(staged, out, source=source)
+        tx.commit()
     return res.to_dict()
 
 
@@ -239,17 +250,18 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
 
 
 def add_metadata(onnx_path: str | Path, extra: dict[str, str]) -> None:
-    """Add/replace metadata entries of a model in place (graph file only; a temporary file in the
-    same folder is renamed over it, so the external data reference stays valid)."""
-    from .fileio import atomic_path
-
+    """Add/replace metadata entries of a model in place (graph file only, through an output
+    transaction: the new graph is staged beside it and replaces it in one rename, referencing the
+    external data files in place; its mode stays as it was, at most 0o644)."""
     p = Path(onnx_path)
     m = onnx.load(str(p), load_external_data=False)
     meta = {e.key: e.value for e in m.metadata_props} | extra
     set_metadata(m, meta)
-    with atomic_path(p, suffix=".onnx") as tmp:
-        onnx.save_model(m, str(tmp))
-    os.chmod(p, 0o644)
+    with OutputTransaction(p, force=True, shared=_data_files(p)) as tx:
+        staged = tx.stage_path(p)
+        onnx.save_model(m, str(staged))
+        tx.add(staged, p, source=p)
+        tx.commit()
 
 
 def quantized_nodes(model: onnx.ModelProto) -> set[str]:

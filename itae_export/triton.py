@@ -24,16 +24,17 @@ import json
 import os
 import re
 import shutil
-import uuid
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DeployError, UsageError
-from .fileio import atomic_write_text, sha256_file
+from .errors import DeployError, OutputBusyError, OutputExistsError, UsageError
 from .graph_options import GraphOptions, apply_graph_options_proto
+from .hashing import sha256_file
 from .jsonable import jsonable
+from .outputs import CLAIM_PREFIX, OutputTransaction
 
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
@@ -41,6 +42,8 @@ DEFAULT_MAX_BATCH = 8
 PROVENANCE_FILE = "itae_export.json"
 _MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 _ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+_CONFIG_WAIT_S = 120.0  # how long to wait for a concurrent writer of config.pbtxt
+_MAX_VERSION_SKIPS = 100
 
 # ONNX TensorProto data type names -> Triton's DataType enum names
 _ONNX_TO_TRITON = {
@@ -568,51 +571,102 @@ def write_triton_repo(
     else:
         notes.append('config.pbtxt not validated: pip install "tritonclient[grpc]" for Triton\'s ModelConfig')
 
-    repo = Path(repo_dir)
-    model_dir = repo / model_name
+    model_dir = Path(repo_dir) / model_name
     config_path = model_dir / "config.pbtxt"
-    config_written = not config_path.exists()
-    if not config_written:
-        existing = parse_config(config_path.read_text(), config_path)
-        problems = _incompatibilities(existing, platform, max_batch, ins, outs)
-        if problems:
-            raise DeployError(
-                f"{config_path} describes another model: "
-                + "; ".join(problems)
-                + ". Choose another --model-name, or move that model away (versions are never overwritten)"
-            )
-        if cc and cc not in dict(existing.cc_model_filenames):
-            notes.append(f"kept config.pbtxt has no cc_model_filenames entry for {cc}")
-
-    # stage the version directory under a name Triton ignores (not numeric), then rename it into place
-    model_dir.mkdir(parents=True, exist_ok=True)
-    stage = model_dir / f".staging-{uuid.uuid4().hex[:12]}"
-    stage.mkdir()
-    try:
-        files = _stage_files(src, stage, platform, proto, record, sidecar)
-        provenance = {
-            "source": str(src.resolve()),
-            "platform": platform,
-            "graph_options": record,
-            "meta": jsonable(meta or {}),
-            "engine_sidecar": str(sidecar) if sidecar else None,
-        }
-        (stage / PROVENANCE_FILE).write_text(
-            json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n"
-        )
-        version = _rename_into_place(stage, model_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-    version_dir = model_dir / str(version)
-    if config_written:
-        atomic_write_text(config_path, config_text)
-        os.chmod(config_path, 0o644)
+    provenance = {
+        "source": str(src.resolve()),
+        "platform": platform,
+        "graph_options": record,
+        "meta": jsonable(meta or {}),
+        "engine_sidecar": str(sidecar) if sidecar else None,
+    }
+    held: set[int] = set()  # version numbers another writer is staging: try the next one
+    deadline = time.monotonic() + _CONFIG_WAIT_S
+    while True:
+        config_notes: list[str] = []
+        config_written = _config_to_write(config_path, platform, max_batch, ins, outs, cc, config_notes)
+        version = _next_version(model_dir, held)
+        version_dir = model_dir / str(version)
+        try:
+            files = _write_version(
+                src, version_dir, config_path if config_written else None, config_text, platform, proto,
+                record, sidecar, provenance,
+            )  # fmt: skip
+        except OutputBusyError:
+            if (model_dir / f"{CLAIM_PREFIX}{version}").exists() and len(held) < _MAX_VERSION_SKIPS:
+                held.add(version)  # a concurrent writer took this number
+                continue
+            if time.monotonic() < deadline and len(held) < _MAX_VERSION_SKIPS:
+                time.sleep(0.05)  # another writer is adding config.pbtxt: look again when it is done
+                continue
+            raise
+        except (OutputExistsError, UsageError):
+            if os.path.lexists(version_dir) and len(held) < _MAX_VERSION_SKIPS:
+                held.add(version)  # another writer committed this number meanwhile (or a file has it)
+                continue
+            if config_written and config_path.exists():
+                continue  # another writer committed config.pbtxt meanwhile: check it and keep it
+            raise
+        break
     return TritonRepoResult(
         model_dir=model_dir, config_path=config_path, version=version, version_dir=version_dir,
         platform=platform, max_batch=max_batch, inputs=ins, outputs=outs, config_written=config_written,
-        files=[version_dir / f.relative_to(stage) for f in files], graph_options=record, notes=notes,
+        files=files, graph_options=record, notes=notes + config_notes,
     )  # fmt: skip
+
+
+def _config_to_write(config_path: Path, platform: str, max_batch: int, ins: list[TensorSpec],
+                     outs: list[TensorSpec], cc: str | None, notes: list[str]) -> bool:
+    """True when config.pbtxt is missing (this call writes it); an existing one is kept when it
+    describes the same model, else DeployError."""
+    if not config_path.exists():
+        return True
+    existing = parse_config(config_path.read_text(), config_path)
+    problems = _incompatibilities(existing, platform, max_batch, ins, outs)
+    if problems:
+        raise DeployError(
+            f"{config_path} describes another model: "
+            + "; ".join(problems)
+            + ". Choose another --model-name, or move that model away (versions are never overwritten)"
+        )
+    if cc and cc not in dict(existing.cc_model_filenames):
+        notes.append(f"kept config.pbtxt has no cc_model_filenames entry for {cc}")
+    return False
+
+
+def _next_version(model_dir: Path, held: set[int]) -> int:
+    version = max(_existing_versions(model_dir), default=0) + 1
+    while version in held:
+        version += 1
+    return version
+
+
+def _write_version(
+    src: Path, version_dir: Path, config_path: Path | None, config_text: str, platform: str, proto,
+    record: dict, sidecar: Path | None, provenance: dict,
+) -> list[Path]:
+    """One output transaction: the version folder (staged under a name Triton ignores, committed by one
+    rename, never over an existing one) and config.pbtxt when this call writes it (committed first).
+    Raises OutputBusyError when another writer holds the version number or the config."""
+    inputs = [src] + ([sidecar] if sidecar else [])
+    extra = [config_path] if config_path is not None else []
+    with OutputTransaction(version_dir, extra=extra, inputs=inputs, flag="--triton-repo") as tx:
+        stage = tx.stage_path()
+        stage.mkdir()
+        files, sources = _stage_files(src, stage, platform, proto, record, sidecar)
+        (stage / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
+        if config_path is not None:
+            staged_config = tx.stage_path(config_path)
+            staged_config.write_text(config_text)
+            tx.add(staged_config, config_path)
+        # copied files are never more readable than their sources (0o644 & the strictest source's mode)
+        tx.add(stage, version_dir, source=_strictest(sources))
+        tx.commit()
+    return [version_dir / f.relative_to(stage) for f in files]
+
+
+def _strictest(files: list[Path]) -> Path:
+    return min(files, key=lambda f: bin(f.stat().st_mode & 0o777).count("1"))
 
 
 def _has_l2(metadata: dict[str, str]) -> bool:
@@ -622,21 +676,23 @@ def _has_l2(metadata: dict[str, str]) -> bool:
 
 
 def _copy_file(src: Path, dst: Path) -> Path:
+    """Copy bytes only: the commit sets the mode (0o644 capped by the source's)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-    os.chmod(dst, 0o644)  # onnx.save writes .data as 0600; the server may run as another user
     return dst
 
 
 def _stage_files(
     src: Path, stage: Path, platform: str, proto, record: dict, sidecar: Path | None
-) -> list[Path]:
-    files = []
+) -> tuple[list[Path], list[Path]]:
+    """Write the version folder's model files into `stage`; returns (staged files, their sources)."""
+    files, sources = [], [src]
     if platform == "tensorrt_plan":
         files.append(_copy_file(src, stage / "model.plan"))
         if sidecar:
             files.append(_copy_file(sidecar, stage / "model.plan.json"))
-        return files
+            sources.append(sidecar)
+        return files, sources
     from graph_passes.preprocess import PreprocessPassError, external_data_locations
 
     try:
@@ -648,7 +704,6 @@ def _stage_files(
         import onnx
 
         onnx.save(proto, str(stage / "model.onnx"))
-        os.chmod(stage / "model.onnx", 0o644)
         files.append(stage / "model.onnx")
     else:
         files.append(_copy_file(src, stage / "model.onnx"))  # byte-identical to the source
@@ -659,21 +714,8 @@ def _stage_files(
                 f"{src} refers to external data {data}, which is missing; keep the .data beside the .onnx"
             )
         files.append(_copy_file(data, stage / loc))
-    return files
-
-
-def _rename_into_place(stage: Path, model_dir: Path) -> int:
-    for _ in range(100):
-        version = max(_existing_versions(model_dir), default=0) + 1
-        try:
-            # rename of a directory onto an existing non-empty one fails: a concurrent writer took the
-            # number, so retry with the next one; existing versions are never touched
-            os.rename(stage, model_dir / str(version))
-            return version
-        except OSError:
-            if not (model_dir / str(version)).exists():
-                raise
-    raise DeployError(f"{model_dir}: could not claim a new version number")
+        sources.append(data)
+    return files, sources
 
 
 # ------------------------------------------------------------------------------------ deployment options

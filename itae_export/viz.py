@@ -3,11 +3,12 @@ last block's CLS attention over the patch grid before and after ITAE, overlaid o
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path
+from .outputs import OutputTransaction, write_text_atomic
 
 
 def _pyplot():
@@ -19,11 +20,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str | Path) -> Path:
+def _save(fig, out: str | Path, tx: OutputTransaction | None = None) -> Path:
+    """Render `fig` as PNG to `out`: staged in `tx` (committed with the caller's other outputs) when
+    given, else through its own output transaction (an existing file is replaced)."""
     plt = _pyplot()
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    if tx is None:
+        return write_text_atomic(out, buf.getvalue(), force=True)
+    staged = tx.stage_path(out)
+    staged.write_bytes(buf.getvalue())
+    tx.add(staged, out)
     return Path(out)
 
 
@@ -36,9 +46,11 @@ def plot_norm_histogram(
     xlabel: str = "token length (log scale)",
     bins: int = 120,
     note: str | None = None,
+    tx: OutputTransaction | None = None,
 ) -> Path:
     """Histogram of the lengths on a log x axis and log count axis (the view where the artifact mode
-    shows), with the threshold as a vertical line."""
+    shows), with the threshold as a vertical line. tx: an output transaction that has `out` among its
+    destinations (the PNG is staged there), else the PNG is written on its own."""
     plt = _pyplot()
     x = np.asarray(lengths, dtype=np.float64).ravel()
     x = x[np.isfinite(x) & (x > 0)]
@@ -65,7 +77,7 @@ def plot_norm_histogram(
     ax.set_title(title)
     if note:
         ax.text(0.01, 0.98, note, transform=ax.transAxes, va="top", fontsize=8)
-    return _save(fig, out)
+    return _save(fig, out, tx)
 
 
 def cls_attention_map(cls_attn: np.ndarray, num_prefix_tokens: int, grid: tuple[int, int]) -> np.ndarray:
@@ -88,6 +100,7 @@ def plot_attention_overlay(
     *,
     flagged: np.ndarray | None = None,
     title: str = "",
+    tx: OutputTransaction | None = None,
 ) -> Path:
     """image uint8 [H, W, 3]; before/after [gh, gw] attention maps (one colour scale for both, so the
     shift of attention is visible); flagged: optional bool [gh, gw] of the tokens ITAE attenuated."""
@@ -120,19 +133,27 @@ def plot_attention_overlay(
     fig.colorbar(im, ax=axes[1:].tolist(), fraction=0.03, pad=0.02, label="attention (mean over heads)")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, out)
+    return _save(fig, out, tx)
+
+
+def attention_figure_paths(out_dir: str | Path, n: int, names: list[str] | None = None) -> list[Path]:
+    """Where attention_figures writes its n PNGs (to declare them in an output transaction up front)."""
+    return [Path(out_dir) / f"{names[b] if names else f'image_{b:04d}'}.png" for b in range(n)]
 
 
 def attention_figures(
-    stats: dict, images: np.ndarray, out_dir: str | Path, *, names: list[str] | None = None
+    stats: dict, images: np.ndarray, out_dir: str | Path, *, names: list[str] | None = None,
+    tx: OutputTransaction | None = None,
 ) -> list[Path]:
     """One PNG per image from itae_export.reference.last_block_stats output ("cls_attn_before"/"after"
-    [B,H,T], "flagged", "num_prefix_tokens", "grid") and the preprocessed images uint8 [B, H, W, 3]."""
+    [B,H,T], "flagged", "num_prefix_tokens", "grid") and the preprocessed images uint8 [B, H, W, 3].
+    tx: an output transaction over attention_figure_paths(out_dir, B, names) (else one file at a time)."""
     out_dir = Path(out_dir)
     npt = int(stats["num_prefix_tokens"])
     grid = tuple(int(g) for g in stats["grid"])
     flagged_all = np.asarray(stats.get("flagged")) if stats.get("flagged") is not None else None
     paths = []
+    targets = attention_figure_paths(out_dir, images.shape[0], names)
     for b in range(images.shape[0]):
         before = cls_attention_map(stats["cls_attn_before"][b], npt, grid)
         after = cls_attention_map(stats["cls_attn_after"][b], npt, grid)
@@ -148,9 +169,10 @@ def attention_figures(
                 images[b],
                 before,
                 after,
-                out_dir / f"{name}.png",
+                targets[b],
                 flagged=fl,
                 title=f"{name}: {n_flag} tokens attenuated",
+                tx=tx,
             )
         )
     return paths

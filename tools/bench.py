@@ -558,10 +558,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from itae_export.fileio import atomic_write_text, check_output_path
+    from itae_export.outputs import OutputTransaction, write_text_atomic
 
     if args.out:
-        check_output_path(args.out, force=args.force)
+        with OutputTransaction(args.out, force=args.force):
+            pass  # validated up front (exists without --force, a directory, unwritable), written at the end
     torch.set_num_threads(os.cpu_count() or 1)
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(format_table(report))
     if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n", force=args.force)
         log(f"wrote {args.out}")
     return 0
 

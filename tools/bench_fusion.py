@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     report["parity"] = {f"{a}~{b}": {"cos_min": _cos(outs[a], outs[b]), "max_abs": float(np.abs(outs[a] - outs[b]).max())}
                         for a, b in pairs}
     if args.out:
-        from itae_export.fileio import atomic_write_text
+        from itae_export.outputs import write_text_atomic
 
-        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n", force=True)
     for p in work.iterdir():
         p.unlink()
     work.rmdir()

@@ -5,7 +5,9 @@ the valley of the patch-token length histogram, saved as a settings file for --s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputExistsError, UsageError
+from ..errors import UsageError
+from ..outputs import OutputTransaction
 from .common import add_itae_args, itae_config_from_args, make_parser
 
 # --------------------------------------------------------------------------------------------- options
@@ -262,6 +265,26 @@ def _check_engine_settings(path: str, cfg_dict: dict) -> dict | None:
 
 
 def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
+    t_start = time.perf_counter()
+    report_dir = Path(args.report_dir)
+    json_path, md_path = report_dir / "report.json", report_dir / "report.md"
+    hist_path = report_dir / "norm_histogram.png"
+    inputs = _input_files(args, "settings", "weights", "onnx", "onnx_baseline", "engine")
+    with contextlib.ExitStack() as stack:
+        # Validated and claimed before any heavy work: an existing report (without --force), a report
+        # path that is an input, an unwritable folder are refused here. Everything lands in one commit.
+        report_tx = stack.enter_context(OutputTransaction(
+            json_path, extra=[md_path] + ([hist_path] if args.viz > 0 else []), inputs=inputs, force=args.force,
+            flag="--report-dir"))
+        return _eval(args, argv, stack, report_tx, t_start, inputs)
+
+
+def _input_files(args: argparse.Namespace, *names: str) -> list[Path]:
+    return [Path(v) for v in (getattr(args, n, None) for n in names) if v]
+
+
+def _eval(args, argv, stack: contextlib.ExitStack, report_tx: OutputTransaction, t_start: float,
+          inputs: list[Path]) -> int:
     from ..cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
     from ..embed import (
         EmbeddingCache,
@@ -271,17 +294,9 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
         torch_baseline_backend,
         torch_itae_backend,
     )
-    from ..fileio import atomic_write_text
 
-    t_start = time.perf_counter()
     report_dir = Path(args.report_dir)
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
-    if not args.force:
-        for p in (json_path, md_path):
-            if p.exists():
-                raise OutputExistsError(
-                    f"{p} already exists; pass --force to overwrite it or choose another --report-dir"
-                )
     cfg = itae_config_from_args(args)
     # Cheap checks of the given models before any image is read.
     if args.onnx_baseline:
@@ -293,6 +308,13 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
         n_clusters=args.n_clusters, seed=args.kmeans_seed, n_init=args.n_init, normalize=args.normalize
     )
     ds, pre, t_data = _load_data(args)
+    attention_tx = None
+    if args.viz > 0 and len(ds) > 0:
+        from ..viz import attention_figure_paths
+
+        figs = attention_figure_paths(report_dir / "attention", min(args.viz, len(ds)), _figure_names(args, ds))
+        attention_tx = stack.enter_context(OutputTransaction(
+            figs[-1], extra=figs[:-1], inputs=inputs, force=args.force, flag="--report-dir"))
     embedder, model_ident, t_model = _build(args)
     progress = not args.no_progress
 
@@ -353,7 +375,7 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
         for m in ("acc", "nmi", "ari")
     }
 
-    figures = _eval_figures(args, embedder, ds, pre, cfg, report_dir) if args.viz > 0 else []
+    figures = _eval_figures(args, embedder, ds, pre, cfg, report_dir, report_tx, attention_tx) if args.viz > 0 else []
     report = {
         "tool": "itae-eval",
         "argv": argv,
@@ -374,14 +396,30 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
         },
         "environment": _environment(),
     }
-    atomic_write_text(json_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
-    atomic_write_text(md_path, render_eval_markdown(report))
+    for path, text in ((md_path, render_eval_markdown(report)),
+                       (json_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")):
+        staged = report_tx.stage_path(path)
+        staged.write_text(text)
+        report_tx.add(staged, path)
+    if attention_tx is not None:
+        attention_tx.commit()  # the figures first: the report that links them lands last
+    report_tx.commit()
     print(f"report: {md_path} and {json_path}", file=sys.stderr)
     return 0
 
 
-def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path) -> list[Path]:
-    """Attention before/after ITAE for the first --viz images, and their patch-length histogram."""
+def _figure_names(args, ds) -> list[str]:
+    n = min(args.viz, len(ds))
+    return [
+        f"{ds.name}_{i:05d}_{ds.classes[ds.labels[i]]}".replace("/", "_").replace(" ", "_").replace(os.sep, "_")
+        for i in range(n)
+    ]
+
+
+def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path, report_tx: OutputTransaction,
+                  attention_tx: OutputTransaction | None) -> list[Path]:
+    """Attention before/after ITAE for the first --viz images, and their patch-length histogram, staged
+    in the report's transactions."""
     import torch
 
     from ..reference import last_block_stats
@@ -391,10 +429,7 @@ def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path) -> list[Path]:
     x = np.stack([pre(ds.load(i)) for i in range(n)])
     st = last_block_stats(embedder, torch.from_numpy(x), cfg)
     images = np.stack([pre.denormalize(xi) for xi in x])
-    names = [
-        f"{ds.name}_{i:05d}_{ds.classes[ds.labels[i]]}".replace("/", "_").replace(" ", "_") for i in range(n)
-    ]
-    paths = attention_figures(st, images, report_dir / "attention", names=names)
+    paths = attention_figures(st, images, report_dir / "attention", names=_figure_names(args, ds), tx=attention_tx)
     npt = int(st["num_prefix_tokens"])
     lengths = np.asarray(st["norms"])[..., npt:].ravel()
     paths.append(
@@ -403,6 +438,7 @@ def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path) -> list[Path]:
             report_dir / "norm_histogram.png",
             threshold=cfg.threshold,
             title=f"{args.model}: {cfg.norm_source} lengths of patch tokens, last block ({n} images)",
+            tx=report_tx,
         )
     )
     return paths
@@ -513,25 +549,32 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
 
 
 def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    if os.path.abspath(plot) == os.path.abspath(out):
+        raise UsageError(f"--plot {plot} is the --out file; give the histogram another name (--plot FILE.png)")
+    inputs = _input_files(args, "settings", "weights")
+    with contextlib.ExitStack() as stack:
+        # Both outputs are validated and claimed before any image is read.
+        out_tx = stack.enter_context(OutputTransaction(out, inputs=inputs, force=args.force))
+        plot_tx = stack.enter_context(OutputTransaction(plot, inputs=inputs, force=args.force, flag="--plot"))
+        return _calibrate(args, argv, out_tx, plot_tx)
+
+
+def _calibrate(args, argv, out_tx: OutputTransaction, plot_tx: OutputTransaction) -> int:
     from ..calibrate import (
         calibrated_config,
         check_lengths,
         collect_patch_lengths,
         find_valley_threshold,
         length_summary,
-        write_settings,
+        settings_text,
     )
     from ..data import iter_batches
     from ..errors import DataError
-    from ..fileio import check_output_path
     from ..viz import plot_norm_histogram
 
-    out = check_output_path(args.out, force=args.force, inputs=(args.settings, args.weights))
-    plot = check_output_path(
-        args.plot or Path(args.out).with_suffix(".png"),
-        force=args.force,
-        inputs=(args.settings, args.weights),
-    )
+    out, plot = out_tx.dest, plot_tx.dest
     cfg = itae_config_from_args(args)
     ds, pre, _ = _load_data(args)
     embedder, model_ident, _ = _build(args)
@@ -546,8 +589,10 @@ def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
     )
     title = f"{args.model}: {cfg.norm_source} lengths ({cfg.norm_scope} scope), patch tokens, last block"
     plot_norm_histogram(
-        lengths, plot, threshold=res.threshold, title=title, note=None if res.found else "no valley found"
+        lengths, plot, threshold=res.threshold, title=title, note=None if res.found else "no valley found",
+        tx=plot_tx,
     )
+    plot_tx.commit()  # drawn even without a valley: it shows why
     print(f"histogram: {plot}", file=sys.stderr)
     if not res.found:
         raise DataError(
@@ -568,7 +613,10 @@ def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
         "histogram_png": str(plot),
     }
     new_cfg = calibrated_config(cfg, res.threshold)
-    write_settings(out, new_cfg, calibration)
+    staged = out_tx.stage_path()
+    staged.write_text(settings_text(new_cfg, calibration))
+    out_tx.add(staged)
+    out_tx.commit()
     frac = calibration["lengths"].get("fraction_flagged", 0.0)
     print(f"{res.message}; {100 * frac:.3f}% of patch tokens flagged; settings: {out}", file=sys.stderr)
     return 0
