@@ -1,5 +1,5 @@
 """The ITAE graph pass: norm-based detection and attenuation of artifact tokens in the final
-attention block of a DINOv2 ONNX graph (method: ../shared/ITAE.md).
+attention block of a DINOv2 ONNX graph (method: docs/method.md).
 
 Matched (see match.py), then rewritten as below. Only ops TensorRT's ONNX parser supports are
 used (Cast, ReduceSumSquare, Sqrt, Transpose, Slice, ReduceMean, TopK, Mul, Greater/Less, Shape,

@@ -1,5 +1,5 @@
 """PyTorch ground truth for ITAE: the last block's attention computed explicitly, with the
-artifact detection and attenuation of ../shared/ITAE.md for every option. Parity of the patched
+artifact detection and attenuation of docs/method.md for every option. Parity of the patched
 ONNX is measured against this module."""
 
 from __future__ import annotations

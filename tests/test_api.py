@@ -187,3 +187,21 @@ def test_functions_are_short():
                 if n > MAX_LINES and key not in LONG_OK:
                     long.append(f"{key} ({n} lines)")
     assert not long, f"functions over {MAX_LINES} lines: {long}"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python API example, as written, in a fresh folder."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "True" and (tmp_path / "build/api/patched.onnx").is_file()
+
+
+def test_docs_do_not_point_outside_the_repository():
+    files = [ROOT / "README.md", ROOT / "models" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "itae_export").rglob("*.py")), *sorted((ROOT / "graph_passes").glob("*.py")),
+             *sorted((ROOT / "tools").glob("*"))]
+    for path in files:
+        assert "../shared" not in path.read_text(), path
