@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graph_passes import metadata as md
 from graph_passes.graph import GraphIndex, external_locations
 from graph_passes.match import INSERTED_PREFIX, MatchError, match_final_attention
 
@@ -33,8 +34,8 @@ from .errors import ModelError
 from .outputs import OutputTransaction
 
 FAST_PATHS = ("none", "fused", "int8")
-META_FAST_PATH = "itae_export.fast_path"
-META_ACCURACY = "itae_export.fast_path_accuracy"
+META_FAST_PATH = md.FAST_PATH
+META_ACCURACY = md.FAST_PATH_ACCURACY
 FAST_PATH_VALUE = "int8-dynamic"
 FUSED_VALUE = "fp32-fused-attention"
 FAST_PATH_VALUES = {"int8": FAST_PATH_VALUE, "fused": FUSED_VALUE}
@@ -159,10 +160,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, exclude: set[str] |
         except Int8Error as e:
             raise ModelError(f"int8 quantization of {src} failed: {e}") from e
         q = onnx.load(str(staged), load_external_data=False)
-        meta = {p.key: p.value for p in q.metadata_props}
-        meta[META_FAST_PATH] = FAST_PATH_VALUE
-        meta["itae_export.fast_path_weights"] = weight_type + ("-per-channel" if per_channel else "")
-        set_metadata(q, meta)
+        md.set_metadata_props(q, {md.FAST_PATH: FAST_PATH_VALUE,
+                                  md.FAST_PATH_WEIGHTS: weight_type + ("-per-channel" if per_channel else "")})
         onnx.save_model(q, str(staged))  # graph only: the .data file beside it stays referenced
         tx.add(staged, out, source=_strictest([src, *_data_files(src)]))
         tx.commit()
@@ -221,10 +220,8 @@ def fuse_model(onnx_in: str | Path, onnx_out: str | Path) -> dict[str, Any]:
             if not linked:
                 shutil.copyfile(data, staged_data)
             _relocate(fused, loc, staged_data.name)
-        meta = {p.key: p.value for p in fused.metadata_props}
-        meta[META_FAST_PATH] = FUSED_VALUE
-        meta["itae_export.fused_attention"] = json.dumps(res.to_dict(), sort_keys=True)
-        set_metadata(fused, meta)
+        md.set_metadata_props(fused, {md.FAST_PATH: FUSED_VALUE,
+                                      md.FUSED_ATTENTION: json.dumps(res.to_dict(), sort_keys=True)})
         onnx.save_model(fused, str(staged))
         tx.add(staged, out, source=source)
         tx.commit()
@@ -243,20 +240,13 @@ def _inline_small_external(model: onnx.ModelProto, base_dir: Path, max_elems: in
             del t.external_data[:]
 
 
-def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-
-
 def add_metadata(onnx_path: str | Path, extra: dict[str, str]) -> None:
     """Add/replace metadata entries of a model in place (graph file only, through an output
     transaction: the new graph is staged beside it and replaces it in one rename, referencing the
     external data files in place; its mode stays as it was, at most 0o644)."""
     p = Path(onnx_path)
     m = onnx.load(str(p), load_external_data=False)
-    meta = {e.key: e.value for e in m.metadata_props} | extra
-    set_metadata(m, meta)
+    md.set_metadata_props(m, extra)
     with OutputTransaction(p, force=True, shared=_data_files(p)) as tx:
         staged = tx.stage_path(p)
         onnx.save_model(m, str(staged))
@@ -292,10 +282,10 @@ def centered_cosine(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
     Plain cosine hides error when every embedding shares a large common component (random-weight
     models: plain cosine 0.9999 between images of different digits); centring measures the error
     against what actually differs between images, which is what k-means sees."""
+    from .validate import cosine_rows
+
     mean = ref.mean(axis=0, keepdims=True)
-    a, b = ref - mean, other - mean
-    den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return (a * b).sum(axis=1) / den
+    return cosine_rows(ref - mean, other - mean)
 
 
 def error_to_spread(ref: np.ndarray, other: np.ndarray) -> float:

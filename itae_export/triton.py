@@ -13,9 +13,9 @@ config.pbtxt is kept when it describes the same IO and refused (DeployError) oth
 
 Graph options (--input-format uint8-nhwc, --l2-normalize) rewrite the ONNX graph with
 graph_passes.preprocess. They must be applied BEFORE a TensorRT engine is built from the ONNX, so the
-`itae-export` CLI calls :func:`apply_graph_options` between the ITAE pass and the engine build, and
-:func:`deploy_from_cli` at the end. ``python -m itae_export.triton MODEL --triton-repo DIR`` deploys an
-existing ONNX file (applying the options in the copy it deploys) or engine.
+export pipeline applies them (itae_export.graph_options) between the ITAE pass and the engine build,
+and calls :func:`deploy` at the end. ``itae-triton MODEL --triton-repo DIR`` deploys an existing
+ONNX file (applying the options in the copy it deploys) or engine.
 """
 
 from __future__ import annotations
@@ -754,8 +754,7 @@ def default_instance_kind(meta: dict[str, Any] | None) -> str:
     """KIND_CPU for an `itae-export --fast-path` model (int8 / fused: ONNX Runtime CPU paths), else
     KIND_GPU. meta: itae-export's run metadata or _meta_from_model's."""
     meta = meta or {}
-    fast = meta.get("fast_path") or (meta.get("onnx_metadata") or {}).get("itae_export.fast_path")
-    return "KIND_CPU" if fast else "KIND_GPU"
+    return "KIND_CPU" if meta.get("fast_path") else "KIND_GPU"
 
 
 def default_model_name(meta: dict[str, Any] | None, model_path: str | Path) -> str:
@@ -793,15 +792,18 @@ def meta_from_model(path: Path) -> dict[str, Any]:
         if path.suffix == ".onnx" and path.is_file():
             import onnx
 
-            md = {q.key: q.value for q in onnx.load(str(path), load_external_data=False).metadata_props}
-            meta["onnx_metadata"] = md
-            if md.get("itae_export.model"):
-                meta["model"] = md["itae_export.model"]
-                meta["img_size"] = md.get("itae_export.img_size")
-                meta["itae"] = json.loads(md["itae.settings"]) if md.get("itae.settings") else None
+            from graph_passes import metadata as md
+
+            proto = onnx.load(str(path), load_external_data=False)
+            meta["onnx_metadata"] = md.metadata_dict(proto)
+            art = md.read_metadata(proto)
+            if art.model:
+                meta.update(model=art.model, img_size=art.img_size, itae=art.itae)
+            if art.fast_path:
+                meta["fast_path"] = art.fast_path
         elif (sidecar := find_engine_sidecar(path)) is not None:
             raw = json.loads(sidecar.read_text())
             meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # PassError (bad metadata) is a ValueError
         return {}  # unreadable: write_triton_repo reports the file itself
     return meta

@@ -169,8 +169,8 @@ def run_measured(cmd: list[str]) -> dict[str, Any]:
 
 
 def child_export(model: str, img_size: int, depth: int | None, out: str) -> None:
-    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
+    from itae_export.onnx_export import export_onnx
 
     emb = build_model(model, random_weights=True, img_size=img_size, depth=depth)
     t = time.perf_counter()
@@ -233,10 +233,9 @@ def ort_session(path: Path, threads: int):
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return float(c.min())
+    from itae_export.validate import cosine_rows
+
+    return float(cosine_rows(a, b).min())
 
 
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -39,9 +39,9 @@ def _session(path: Path, threads: int):
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float((num / np.maximum(den, 1e-30)).min())
+    from itae_export.validate import cosine_rows
+
+    return float(cosine_rows(a, b).min())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from graph_passes.fuse_attention import fuse_attention
-    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
+    from itae_export.onnx_export import export_onnx
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
