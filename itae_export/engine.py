@@ -59,9 +59,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # mypy checks the TensorRT calls against tensorrt-stubs; never imported at run time
+    import tensorrt
 
 from graph_passes.graph import external_locations
 
@@ -563,7 +566,7 @@ def resolve_precision(
     return ("fp16", "default: GPU supports fast fp16") if ok else ("fp32", "default: GPU lacks fast fp16")
 
 
-def _builder_fast_fp16(builder: Any) -> bool | None:
+def _builder_fast_fp16(builder: tensorrt.Builder) -> bool | None:
     # platform_has_fast_fp16 is deprecated in 10.x and gone in 11.x; ask only where it exists.
     try:
         return bool(builder.platform_has_fast_fp16) if hasattr(builder, "platform_has_fast_fp16") else None
@@ -642,7 +645,7 @@ def _onnx_name_of(layer: Any) -> str:
     return m.group(1) if m else str(getattr(layer, "name", ""))
 
 
-def apply_fp32_constraints(trt: Any, network: Any, fp32_node_names: Iterable[str] = ()) -> list[str]:
+def apply_fp32_constraints(trt: Any, network: tensorrt.INetworkDefinition, fp32_node_names: Iterable[str] = ()) -> list[str]:
     """Pin LayerNorm (NORMALIZATION), SOFTMAX, REDUCE layers and the layers of ONNX nodes named
     'itae/...' (or listed) to float32: layer.precision and set_output_type on every float output.
     Layers with non-float outputs (shapes, indices, masks) and constants are left alone."""
@@ -670,7 +673,7 @@ def apply_fp32_constraints(trt: Any, network: Any, fp32_node_names: Iterable[str
     return pinned
 
 
-def _load_timing_cache(trt: Any, config: Any, path: Path | None, warnings: list[str]) -> bool:
+def _load_timing_cache(trt: Any, config: tensorrt.IBuilderConfig, path: Path | None, warnings: list[str]) -> bool:
     data = b""
     if path is not None and path.is_file():
         data = path.read_bytes()
@@ -698,6 +701,50 @@ def _save_timing_cache(path: Path, data: bytes, warnings: list[str]) -> None:
         warnings.append(f"timing cache {path} was being written by another build; left as that build writes it")
 
 
+def _parse_network(trt: Any, builder: tensorrt.Builder, logger: tensorrt.ILogger, onnx_path: Path,
+                   options: EngineOptions) -> tuple[tensorrt.INetworkDefinition, tensorrt.OnnxParser]:
+    flags = 0
+    if options.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so external weight files next to the ONNX are found.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineError(
+            f"TensorRT {tensorrt_version(trt)} could not parse {onnx_path} ({len(errors)} error(s)): "
+            + "; ".join(errors)
+            + ". Check that its external data files sit next to it and that every op is supported by this TensorRT."
+        )
+    return network, parser  # the parser owns the weights the network refers to: keep it alive
+
+
+def _make_config(trt: Any, builder: tensorrt.Builder, network: tensorrt.INetworkDefinition, options: EngineOptions,
+                 precision: str, fp32_nodes: list[dict[str, Any]], spec: InputSpec,
+                 shapes: dict[str, tuple[int, int, int, int]]) -> tuple[tensorrt.IBuilderConfig, bool, list[str]]:
+    """Builder config: workspace, precision flags (TF32 off for exact fp32), fp32 pins, the profile."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
+    tf32 = True
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    if precision == "fp32" and not options.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+        tf32 = False
+    pinned: list[str] = []
+    if precision in ("fp16", "bf16") and options.precision_constraints and not options.strongly_typed:
+        pinned = apply_fp32_constraints(trt, network, [n["name"] for n in fp32_nodes])
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    profile = builder.create_optimization_profile()
+    # pybind11 converts tuples to trt.Dims (TensorRT's own samples pass tuples); the stubs say Dims
+    profile.set_shape(spec.name, shapes["min"], shapes["opt"], shapes["max"])  # type: ignore[arg-type]
+    config.add_optimization_profile(profile)
+    return config, tf32, pinned
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -721,47 +768,14 @@ def build_engine(
     log: list[str] = []
     warnings: list[str] = []
     t0 = time.perf_counter()
-
     logger = _make_logger(trt, log)
     builder = trt.Builder(logger)
     if builder is None:
         raise EngineError("TensorRT could not create a builder (no usable CUDA device?); check nvidia-smi and the driver")
     precision, _ = resolve_precision(options, trt, gpu, fast_fp16=_builder_fast_fp16(builder))
     fp32_nodes = fp32_onnx_nodes(onnx_path) if precision in ("fp16", "bf16") else []
-    flags = 0
-    if options.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file (not parse(bytes)) so external weight files next to the ONNX are found.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [_format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(
-            f"TensorRT {tensorrt_version(trt)} could not parse {onnx_path} ({len(errors)} error(s)): "
-            + "; ".join(errors)
-            + ". Check that its external data files sit next to it and that every op is supported by this TensorRT."
-        )
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
-    tf32 = True
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    if precision == "fp32" and not options.allow_tf32 and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-        tf32 = False
-    pinned: list[str] = []
-    if precision in ("fp16", "bf16") and options.precision_constraints and not options.strongly_typed:
-        pinned = apply_fp32_constraints(trt, network, [n["name"] for n in fp32_nodes])
-        if pinned:
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-
-    profile = builder.create_optimization_profile()
-    profile.set_shape(spec.name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-
+    network, _parser = _parse_network(trt, builder, logger, onnx_path, options)
+    config, tf32, pinned = _make_config(trt, builder, network, options, precision, fp32_nodes, spec, shapes)
     reused = _load_timing_cache(trt, config, options.timing_cache, warnings)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -779,18 +793,11 @@ def build_engine(
         if cache is not None:
             _save_timing_cache(options.timing_cache, bytes(cache.serialize()), warnings)
     return EngineBuildResult(
-        engine_path=engine_path,
-        precision=precision,
-        builder="tensorrt-python",
-        tensorrt_version=tensorrt_version(trt),
-        input_name=spec.name,
-        profile={k: list(v) for k, v in shapes.items()},
-        strongly_typed=options.strongly_typed,
-        tf32=tf32,
-        fp32_layers=pinned,
-        timing_cache=str(options.timing_cache) if options.timing_cache else None,
-        timing_cache_reused=reused,
-        build_seconds=round(time.perf_counter() - t0, 3),
+        engine_path=engine_path, precision=precision, builder="tensorrt-python",
+        tensorrt_version=tensorrt_version(trt), input_name=spec.name,
+        profile={k: list(v) for k, v in shapes.items()}, strongly_typed=options.strongly_typed, tf32=tf32,
+        fp32_layers=pinned, timing_cache=str(options.timing_cache) if options.timing_cache else None,
+        timing_cache_reused=reused, build_seconds=round(time.perf_counter() - t0, 3),
         warnings=warnings + [m for m in log if m.startswith("[W]")][-10:],
     )
 

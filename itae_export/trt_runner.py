@@ -16,9 +16,12 @@ Nothing here has been run on a GPU yet; the CPU tests cover the error paths only
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # checked against tensorrt-stubs by tools/typecheck_tensorrt.py; never imported here
+    import tensorrt
 
 from .errors import EngineError
 
@@ -146,14 +149,14 @@ class TrtRunner:
         trt = _import_tensorrt()
         self.trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        self._runtime: tensorrt.Runtime = trt.Runtime(self._logger)
+        self.engine: tensorrt.ICudaEngine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise EngineError(
                 f"TensorRT {getattr(trt, '__version__', '?')} cannot load {self.engine_path}: engines only run on the "
                 "TensorRT version and GPU model that built them; rebuild it here (see build_engine.sh next to the ONNX)"
             )
-        self.context = self.engine.create_execution_context()
+        self.context: tensorrt.IExecutionContext = self.engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for {self.engine_path} (GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -184,7 +187,8 @@ class TrtRunner:
         bufs = {self.input_name: mem.to_device(x)}
         try:
             for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
+                dims = self.context.get_tensor_shape(name)
+                shape = tuple(int(dims[i]) for i in range(len(dims)))
                 bufs[name] = mem.empty(shape, self._np_dtype(name))
             for name, buf in bufs.items():
                 self.context.set_tensor_address(name, mem.ptr(buf))
