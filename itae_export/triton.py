@@ -470,9 +470,9 @@ def write_triton_repo(
     l2_applied = False
 
     if platform == "onnxruntime_onnx":
-        import onnx
+        from .safe_io import load_onnx_checked
 
-        proto = onnx.load(str(src), load_external_data=False)
+        proto = load_onnx_checked(src, "model")  # UsageError for garbage, unsafe data locations
         if opts.any or opts.input_format:
             proto, record = apply_graph_options_proto(proto, opts)
         ins, outs = _onnx_specs(proto)

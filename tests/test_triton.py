@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -16,8 +15,8 @@ import pytest
 from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
-from itae_export.errors import DeployError, UsageError
 from itae_export.cli.triton_args import triton_main as main
+from itae_export.errors import DeployError, UsageError
 from itae_export.graph_options import GraphOptions, apply_graph_options, verify_graph_options
 from itae_export.triton import TritonOptions, default_model_name, deploy, write_triton_repo
 
@@ -365,8 +364,8 @@ def dinov2_onnx(tmp_path_factory: pytest.TempPathFactory):
     from graph_passes.config import ITAEConfig
     from graph_passes.itae import apply_itae
     from graph_passes.preprocess import save_model
-    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
+    from itae_export.onnx_export import export_onnx
     from itae_export.reference import ITAEReference
 
     torch.manual_seed(0)
@@ -587,3 +586,76 @@ def test_fast_path_model_defaults_to_cpu_instances(tmp_path):
         kinds[name] = parse(tmp_path / "repo" / name / "config.pbtxt").instance_group[0].kind
     groups = model_config_pb2.ModelInstanceGroup
     assert kinds == {"plain": groups.KIND_GPU, "fast": groups.KIND_CPU, "forced": groups.KIND_GPU}
+
+
+# ---------------------------------------------------------------------------- writing: one output transaction
+def test_version_held_by_another_writer_gets_the_next_number(tmp_path: Path) -> None:
+    """The transaction's claim on REPO/NAME/<N> makes a second writer take N+1; nothing of the
+    holder is touched, and the holder can still commit its own N afterwards."""
+    from itae_export.outputs import OutputTransaction
+
+    repo = tmp_path / "repo"
+    src = save_tiny(tmp_path / "a" / "m.onnx")
+    write_triton_repo(src, repo, model_name="emb", max_batch=4)
+    with OutputTransaction(repo / "emb" / "2") as holder:  # another deployment staging version 2
+        res = write_triton_repo(src, repo, model_name="emb", max_batch=4)
+        assert res.version == 3 and not res.config_written
+        stage = holder.stage_path()
+        stage.mkdir()
+        (stage / "model.onnx").write_bytes(src.read_bytes())
+        holder.add(stage)
+        holder.commit()
+    assert sorted(p.name for p in (repo / "emb").iterdir()) == ["1", "2", "3", "config.pbtxt"]
+
+
+def test_writer_waits_for_a_concurrent_config_writer(tmp_path: Path) -> None:
+    """Another deployment holding config.pbtxt (about to commit it): the second writer waits, then
+    keeps the committed config and takes the next version."""
+    import threading
+
+    from itae_export.outputs import OutputTransaction
+
+    repo = tmp_path / "repo"
+    src = save_tiny(tmp_path / "a" / "m.onnx")
+    first = write_triton_repo(src, tmp_path / "other", model_name="emb", max_batch=4)  # a config to copy
+    with OutputTransaction(repo / "emb" / "1", extra=[repo / "emb" / "config.pbtxt"]) as holder:
+        stage = holder.stage_path()
+        stage.mkdir()
+        (stage / "model.onnx").write_bytes(src.read_bytes())
+        cfg = holder.stage_path(repo / "emb" / "config.pbtxt")
+        cfg.write_text(first.config_path.read_text())
+        holder.add(cfg, repo / "emb" / "config.pbtxt")
+        holder.add(stage)
+        box: list = []
+        t = threading.Thread(target=lambda: box.append(write_triton_repo(src, repo, model_name="emb", max_batch=4)))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # waiting: version 1 is taken, config.pbtxt is being written
+        holder.commit()
+    t.join(30)
+    assert box and box[0].version == 2 and not box[0].config_written
+    assert sorted(p.name for p in (repo / "emb").iterdir()) == ["1", "2", "config.pbtxt"]
+
+
+def test_copied_files_are_never_wider_than_their_sources(tmp_path: Path) -> None:
+    import stat
+
+    src = save_tiny(tmp_path / "a" / "m.onnx")
+    (src.parent / "m.onnx.data").chmod(0o600)
+    res = write_triton_repo(src, tmp_path / "repo", model_name="emb", max_batch=4)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in res.version_dir.iterdir()}
+    assert modes == {"model.onnx": 0o600, "m.onnx.data": 0o600, "itae_export.json": 0o600}
+    assert stat.S_IMODE(res.config_path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(res.version_dir.stat().st_mode) == 0o755
+    open_src = save_tiny(tmp_path / "b" / "m.onnx")
+    (open_src.parent / "m.onnx.data").chmod(0o644)  # onnx.save writes .data 0600; itae-export ships 0644
+    res = write_triton_repo(open_src, tmp_path / "repo", model_name="emb", max_batch=4)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in res.version_dir.iterdir()} == {0o644}
+
+
+def test_failed_deployment_leaves_the_repo_as_it_was(tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "a" / "m.onnx")
+    (src.parent / "m.onnx.data").unlink()
+    with pytest.raises(DeployError, match="missing"):
+        write_triton_repo(src, tmp_path / "repo", model_name="emb", max_batch=4)
+    assert not (tmp_path / "repo").exists()  # the folders the transaction made are gone too
