@@ -6,6 +6,10 @@ official code interpolates on the fly (plain models: by scale factor with a 0.1 
 off; `_reg` models: by size, antialias on). We keep the 37x37 source grid, run the official
 interpolation once at build time and bake the result as a constant buffer, so the exported graph
 holds no bicubic resize (which also sidesteps exporter failures on antialiased upsampling).
+
+Weights: the official `.pth`, timm's `model.safetensors`, or a Hugging Face transformers checkpoint
+(`facebook/dinov2[-with-registers]-<size>` folder, read into the official layout by hf_weights).
+Without --weights, `find_weights` searches the caches in the order `default_weight_locations` gives.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from .catalogue import CATALOGUE, SOURCE_GRID, ModelSpec, get_spec  # noqa: F401 - re-exported
 from .errors import ModelError
+from .hf_weights import INDEX, WEIGHTS, hf_repo_name, is_hf_checkpoint, load_hf_checkpoint
 from .safe_io import check_tensor_dict, load_tensor_file
 
 
@@ -127,8 +132,26 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return check_tensor_dict(sd, path)
 
 
-def _split_official_or_timm(sd: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Return (timm state dict without pos_embed, cls position [1,1,D], patch positions [1,M*M,D])."""
+def _load_weights(path: Path, spec: ModelSpec) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, whether its pos_embed includes the CLS position) of an official .pth, a timm
+    .safetensors or a Hugging Face transformers checkpoint (hf_weights: folder or file + config.json)."""
+    if is_hf_checkpoint(path):
+        return load_hf_checkpoint(path, spec), True
+    if path.is_dir():
+        lacks = [n for n, alt in (("config.json", None), (WEIGHTS, INDEX))
+                 if not (path / n).is_file() and not (alt and (path / alt).is_file())]
+        raise ModelError(
+            f"--weights {path} is a folder without {' or '.join(lacks) or 'a transformers config.json'}; pass "
+            f"a Hugging Face {hf_repo_name(spec)} folder (config.json + {WEIGHTS}), or a .pth / .safetensors file"
+        )
+    return _load_state_dict(path), False
+
+
+def _split_official_or_timm(
+    sd: dict[str, torch.Tensor], spec: ModelSpec, *, cls_in_pos: bool = False
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Return (timm state dict without pos_embed, cls position [1,1,D], patch positions [1,M*M,D]).
+    `cls_in_pos`: the position embedding is known to start with the CLS position (HF checkpoints)."""
     sd = dict(sd)
     sd.pop("mask_token", None)
     pos = sd.pop("pos_embed", None)
@@ -139,7 +162,8 @@ def _split_official_or_timm(sd: dict[str, torch.Tensor], spec: ModelSpec) -> tup
         raise ModelError(
             f"weights have embedding size {pos.shape[-1]} but {spec.name} has {dim}; pick the model that matches the file"
         )
-    official = "register_tokens" in sd or any(".mlp.w12." in k for k in sd) or pos.shape[1] == SOURCE_GRID**2 + 1
+    official = cls_in_pos or "register_tokens" in sd or any(".mlp.w12." in k for k in sd) \
+        or pos.shape[1] == SOURCE_GRID**2 + 1
     if "register_tokens" in sd:
         sd["reg_token"] = sd.pop("register_tokens")
     for k in list(sd):
@@ -162,30 +186,71 @@ def _split_official_or_timm(sd: dict[str, torch.Tensor], spec: ModelSpec) -> tup
     return sd, cls_pos, patch_pos
 
 
-def default_weight_locations(spec: ModelSpec) -> list[Path]:
-    """Where we look when no --weights is given (torch hub checkpoints, HF cache of timm)."""
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+def _hf_hub_cache() -> Path:
+    """huggingface_hub's cache folder: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
     hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+    return Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+
+
+def _hf_cache_repo(spec: ModelSpec) -> Path:
+    """The cache folder of the model's transformers repository, models--facebook--dinov2-<...>."""
+    return _hf_hub_cache() / ("models--" + hf_repo_name(spec).replace("/", "--"))
+
+
+def _hf_snapshots(repo: Path) -> list[Path]:
+    """Snapshot folders of one cached HF repository, the one refs/main names first, then the others."""
+    snaps = repo / "snapshots"
+    found = sorted(p for p in snaps.glob("*") if p.is_dir()) if snaps.is_dir() else []
+    ref, main = repo / "refs" / "main", ""
+    try:
+        if ref.is_file() and ref.stat().st_size <= 256:  # a commit hash
+            main = ref.read_text(encoding="ascii", errors="strict").strip()
+    except (OSError, UnicodeDecodeError):
+        pass
+    first = [p for p in found if p.name == main]
+    return first + [p for p in found if p.name != main]
+
+
+def default_weight_locations(spec: ModelSpec) -> list[Path]:
+    """Where we look when no --weights is given, in this order (the first usable one wins):
+
+    1. $TORCH_HOME/hub/checkpoints/<official file> (torch.hub's facebookresearch checkpoint);
+    2. $HF_HUB_CACHE/models--timm--<timm name>.lvd142m/snapshots/*/model.safetensors (timm);
+    3. $HF_HUB_CACHE/models--facebook--dinov2[-with-registers]-<size>/snapshots/*/ (transformers):
+       the snapshot's model.safetensors.index.json, else model.safetensors, used only with the
+       snapshot's config.json; the snapshot named by refs/main first.
+    """
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    hub = _hf_hub_cache()
     locs = [torch_home / "hub" / "checkpoints" / spec.official_filename]
     repo = hub / f"models--timm--{spec.timm_name}.lvd142m" / "snapshots"
     if repo.is_dir():
         locs.extend(sorted(repo.glob("*/model.safetensors")))
     else:
         locs.append(repo / "<revision>" / "model.safetensors")
+    hf_repo = _hf_cache_repo(spec)
+    snaps = _hf_snapshots(hf_repo)
+    if snaps:
+        locs.extend(s / INDEX if (s / INDEX).is_file() else s / WEIGHTS for s in snaps)
+    else:
+        locs.append(hf_repo / "snapshots" / "<revision>" / WEIGHTS)
     return locs
 
 
 def find_weights(spec: ModelSpec) -> Path:
+    """The first usable default location (default_weight_locations); a transformers snapshot counts
+    only with its config.json. Returns the weights file (for an HF snapshot: its model.safetensors or
+    index, which load through the config.json beside them)."""
+    hf_repo = _hf_cache_repo(spec)
     locs = default_weight_locations(spec)
     for p in locs:
-        if p.is_file():
+        if p.is_file() and (hf_repo not in p.parents or is_hf_checkpoint(p)):
             return p
     looked = "\n  ".join(str(p) for p in locs)
     raise ModelError(
         f"no weights for {spec.name} found; looked in:\n  {looked}\n"
-        f"pass --weights PATH (official {spec.official_filename} or timm model.safetensors), "
-        "or --random-weights for a smoke test"
+        f"pass --weights PATH (official {spec.official_filename}, timm model.safetensors, or a Hugging Face "
+        f"{hf_repo_name(spec)} folder), or --random-weights for a smoke test"
     )
 
 
@@ -216,7 +281,8 @@ def build_model(
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
     else:
         path = Path(weights) if weights is not None else find_weights(spec)
-        sd, cls_pos, patch_pos = _split_official_or_timm(_load_state_dict(path), spec)
+        loaded, cls_in_pos = _load_weights(path, spec)
+        sd, cls_pos, patch_pos = _split_official_or_timm(loaded, spec, cls_in_pos=cls_in_pos)
         model_sd = vit.state_dict()
         model_sd.pop("pos_embed", None)
         missing = sorted(set(model_sd) - set(sd))
