@@ -28,7 +28,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("model", choices=list(CATALOGUE), metavar="MODEL", help=f"one of: {', '.join(CATALOGUE)}")
     g = p.add_argument_group("model and output")
     g.add_argument("--out", required=True, help="output .onnx, or .engine/.plan to build a TensorRT engine")
-    g.add_argument("--weights", help="local weights: official .pth or timm .safetensors (default: search the caches)")
+    g.add_argument("--weights", help="local weights: official .pth, timm .safetensors, or a Hugging Face transformers folder (config.json + model.safetensors) (default: search the torch hub and Hugging Face caches)")
     g.add_argument("--random-weights", action="store_true", help="seeded random weights (smoke tests, demos)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-weights and the validation inputs")
     g.add_argument("--img-size", type=int, default=224, help="input size in pixels, a multiple of 14")
