@@ -132,8 +132,8 @@ def test_two_concurrent_exports_to_one_out(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ signals
-@pytest.mark.xfail(strict=False, reason=TERMINATED_IS_AN_EXCEPTION + " (lost only when the signal lands in such a "
-                   "handler, so this fails most runs, not all)")
+@pytest.mark.xfail(strict=False, reason=TERMINATED_IS_AN_EXCEPTION + " (timing-dependent: the signal is lost only "
+                   "when it lands in such a handler, so this test fails in some runs only; strict once fixed)")
 def test_sigterm_when_the_staging_folder_appears(tmp_path: Path, capsys) -> None:
     out = tmp_path / "m.onnx"
     p = _popen("--out", str(out))
@@ -353,3 +353,15 @@ def _umask(mask: int):
         yield
     finally:
         os.umask(old)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the output transaction sets every committed file to 0o644 (outputs._prepare -> FILE_MODE & source), so "
+    "the build_engine.sh that engine.stage_build_script made 0o755 lands without its exec bit, and the "
+    "'run .../build_engine.sh' the EngineError suggests fails with 'Permission denied'; fix: keep the staged "
+    "file's exec bits (mode = (FILE_MODE | (staged_mode & 0o111)) & source cap) or let add() take mode="))
+def test_the_engine_build_script_is_executable(tmp_path: Path, capsys) -> None:
+    rc = _export(tmp_path / "m.engine")  # exit 4 without TensorRT/GPU: the ONNX and the script are written
+    assert rc in (0, 3, 4), capsys.readouterr().err
+    script = tmp_path / "build_engine.sh"
+    assert script.is_file() and os.access(script, os.X_OK), oct(stat.S_IMODE(script.stat().st_mode))
