@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from .errors import DeployError, OutputBusyError, OutputExistsError, UsageError
 from .graph_options import GraphOptions, apply_graph_options_proto
 from .hashing import sha256_file
@@ -804,6 +806,6 @@ def meta_from_model(path: Path) -> dict[str, Any]:
         elif (sidecar := find_engine_sidecar(path)) is not None:
             raw = json.loads(sidecar.read_text())
             meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
-    except (OSError, ValueError):  # PassError (bad metadata) is a ValueError
+    except (OSError, ValueError, DecodeError):  # PassError (bad metadata) is a ValueError
         return {}  # unreadable: write_triton_repo reports the file itself
     return meta
