@@ -39,22 +39,29 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
            opset: int | None = None, validate: bool = True, validate_batch: int = 4, force: bool = False,
            fast_path: str = "none", int8_weights: str = "per-channel", fast_path_eval_images: int = 200,
            graph_options: GraphOptions | None = None, engine: Any = None, triton: Any = None,
-           depth: int | None = None) -> ExportResult:
+           depth: int | None = None, settings: str | Path | None = None) -> ExportResult:
     """Export `model` (a catalogue name, e.g. "dinov2_vitl14") to `out` (.onnx, or .engine/.plan)
     with ITAE in its final attention block (`itae=None`: the baseline), validated against PyTorch.
 
     engine: an itae_export.engine.EngineOptions for engine outputs; triton: an
-    itae_export.triton.TritonOptions to add the result to a Triton model repository.
+    itae_export.triton.TritonOptions to add the result to a Triton model repository; settings: a
+    settings file (as itae-calibrate writes) to take the ITAE settings from when `itae` is not given.
     """
+    from .errors import SettingsError
     from .pipeline import ExportRequest, run_export
 
+    if settings is not None and itae is _DEFAULT:
+        try:
+            itae = ITAEConfig.from_file(settings)
+        except ValueError as e:  # graph_passes' ConfigError
+            raise SettingsError(str(e)) from e
     req = ExportRequest(
         model=model, out=Path(out), weights=Path(weights) if weights is not None else None,
         random_weights=random_weights, seed=seed, img_size=img_size,
         itae=ITAEConfig() if itae is _DEFAULT else itae, exporter=exporter, opset=opset, validate=validate,
         validate_batch=validate_batch, force=force, fast_path=fast_path, int8_weights=int8_weights,
         fast_path_eval_images=fast_path_eval_images, graph_options=graph_options or GraphOptions(),
-        engine=engine, triton=triton, depth=depth)
+        engine=engine, triton=triton, depth=depth, settings=Path(settings) if settings is not None else None)
     require_torch()
     return run_export(req)
 

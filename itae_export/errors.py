@@ -1,7 +1,9 @@
 """The one error family of itae_export, and its exit codes.
 
 Every foreseeable failure is an ItaeError whose message is one sentence naming the file or flag at
-fault and what to do. The CLIs print it and exit with `exit_code`; the Python API raises it.
+fault and what to do. The CLIs print it and exit with `exit_code`; the Python API raises it. The two
+signals are the exception: SIGINT is Python's KeyboardInterrupt and SIGTERM is Terminated (a
+KeyboardInterrupt), so that no `except Exception` anywhere can swallow them.
 
 | exit | meaning |
 |-----:|---------|
@@ -81,14 +83,9 @@ class OutputBusyError(ItaeError):
     exit_code = 6
 
 
-class Interrupted(ItaeError):
-    """SIGINT (Ctrl-C)."""
-
-    exit_code = 130
-
-
-class Terminated(ItaeError):
-    """SIGTERM: handled like SIGINT (everything staged is removed)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like SIGINT: everything staged is removed (exit 143). Like KeyboardInterrupt it
+    is a BaseException, so no library's `except Exception` can swallow or re-wrap it."""
 
     exit_code = 143
 

@@ -121,6 +121,8 @@ def _run_exporter(model: nn.Module, tmp: Path, *, img_size: int, exporter: str, 
                     model, (dummy,), str(tmp), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset or 17,
                     do_constant_folding=True)
+        except OSError:
+            raise  # disk full, read-only...: the output transaction names the path (exit 5)
         except Exception as e:  # noqa: BLE001 - exporter failures are many types
             tail = log.getvalue().strip().splitlines()[-5:]
             other = "torchscript" if exporter == "dynamo" else "dynamo"

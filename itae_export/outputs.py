@@ -94,6 +94,7 @@ STAGING_PREFIX = ".itae-staging."
 CLAIM_PREFIX = ".itae-lock."
 LOCK_NAME = ".itae-staging.lock"  # the flocked file inside every staging and claim folder
 FILE_MODE = 0o644
+EXEC_MODE = 0o755
 DIR_MODE = 0o755
 _NEW_DATA_SUFFIX_LEN = len(".0123abcd.data")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
@@ -183,6 +184,16 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _user_path(p: Path) -> Path:
+    """The path the user asked for: a transaction nested in another one's staging folder (a writer
+    called by the pipeline) reports the outer destination, not the staging folder."""
+    parts = list(p.parts)
+    while any(x.startswith(STAGING_PREFIX) for x in parts[:-1]):
+        i = max(i for i, x in enumerate(parts[:-1]) if x.startswith(STAGING_PREFIX))
+        parts = parts[:i] + parts[i + 1:]
+    return Path(*parts)
+
+
 def _make_locked_dir(folder: Path, label: str) -> tuple[Path, int]:
     """A new folder `.itae-staging.<label>.<pid>.<hex>` in `folder` holding LOCK_NAME, flocked by the
     returned fd and holding our pid (an empty lock file means "still being set up")."""
@@ -200,13 +211,26 @@ def _make_locked_dir(folder: Path, label: str) -> tuple[Path, int]:
             os.rmdir(d)
         raise
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_soon(fd)
         os.write(fd, f"{os.getpid()}\n".encode())
     except BaseException:
         os.close(fd)
         _remove_tree(d)
         raise
     return d, fd
+
+
+def _flock_soon(fd: int, attempts: int = 200) -> None:
+    """flock our brand-new lock file. A sweeper in another process may hold it for a moment while it
+    checks whether the folder is dead (it is not: it then lets go), so retry for up to ~2 s."""
+    for i in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.01)
 
 
 def _remove_tree(d: Path) -> None:
@@ -233,6 +257,12 @@ def _dead_lock(d: Path) -> int | None:
     """For a staging or claim folder: an fd holding its lock when its owner is dead, -1 when it is
     dead and has no lock file, None when it is alive (or we cannot tell)."""
     claim = d.name.startswith(CLAIM_PREFIX)
+    if not claim:
+        owner = _pid_from_name(d.name)
+        if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            return None  # another live process's staging folder: never touch its lock (it may be locking it now)
+        # our own pid: a folder of another thread of ours (its flock tells), or one left by an earlier
+        # process that had our pid (a container's pid 1 is reused by every run): the flock decides
     try:
         fd = os.open(d / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -718,15 +748,20 @@ class OutputTransaction:
             what, todo = "a file name is too long", f"choose a shorter {self.flag}"
         else:
             what, todo = e.strerror or type(e).__name__, f"check the folder {self.folder} or choose another {self.flag}"
-        return OutputError(f"{self.flag} {self.dest} cannot be written: {what}; {todo} "
+        return OutputError(f"{self.flag} {_user_path(self.dest)} cannot be written: {what}; {todo} "
                            "(the output folder was left as it was)")
 
     # ------------------------------------------------------------------ commit steps
 
     def _mode(self, e: _Entry) -> int:
+        """0o644, or 0o755 for a staged file the writer made executable (a build script); capped by
+        the source's mode."""
+        mode = FILE_MODE
+        if e.staged is not None and os.path.isfile(e.staged) and os.stat(e.staged).st_mode & stat.S_IXUSR:
+            mode = EXEC_MODE
         if e.source is None:
-            return FILE_MODE
-        return FILE_MODE & stat.S_IMODE(os.stat(e.source).st_mode)
+            return mode
+        return mode & stat.S_IMODE(os.stat(e.source).st_mode)
 
     def _finish_file(self, path: Path, mode: int) -> None:
         os.chmod(path, mode)

@@ -74,13 +74,15 @@ class ExportRequest:
     engine: Any = None  # EngineOptions; defaults to EngineOptions() for an .engine/.plan output
     triton: Any = None  # TritonOptions, or None for no deployment
     depth: int | None = None  # reduced-depth random models (tests)
+    settings: Path | None = None  # the settings file `itae` came from: an input, never overwritten
 
     def __post_init__(self) -> None:
         from .catalogue import CATALOGUE
 
         object.__setattr__(self, "out", Path(self.out))
-        if self.weights is not None:
-            object.__setattr__(self, "weights", Path(self.weights))
+        for name in ("weights", "settings"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.model not in CATALOGUE:
             raise UsageError(f"model {self.model!r} is not in the catalogue; choose one of {', '.join(CATALOGUE)}")
         spec = CATALOGUE[self.model]
@@ -141,6 +143,11 @@ class ExportRequest:
         if self.fast_path == "none":
             return None
         return self.onnx_out.with_name(self.onnx_out.stem + ".fp32.onnx")
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Files the export reads: no output may be one of them."""
+        return [p for p in (self.weights, self.settings) if p is not None]
 
     @property
     def weights_label(self) -> str:
@@ -350,8 +357,8 @@ def run_export(req: ExportRequest) -> ExportResult:
         engine_txn = None
         if req.is_engine:
             engine_txn = stack.enter_context(
-                OutputTransaction(req.out, extra=[Path(str(req.out) + ".json")], force=req.force))
-        txn = stack.enter_context(OutputTransaction(req.onnx_out, extra=extra, force=req.force))
+                OutputTransaction(req.out, extra=[Path(str(req.out) + ".json")], inputs=req.inputs, force=req.force))
+        txn = stack.enter_context(OutputTransaction(req.onnx_out, extra=extra, inputs=req.inputs, force=req.force))
         run, files = _onnx_phase(req, txn)
         engine = build_engine_step(req, req.onnx_out, run, engine_txn) if engine_txn is not None else None
     final = req.out if req.is_engine else req.onnx_out

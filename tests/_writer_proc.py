@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--kill-before-replace", action="store_true")
     args = ap.parse_args()
 
-    from itae_export.errors import ItaeError
+    from itae_export.errors import ItaeError, Terminated
     from itae_export.outputs import OutputTransaction, install_signal_handlers
 
     if args.signals:
@@ -78,6 +78,9 @@ def main() -> int:
             time.sleep(args.sleep)
             tx.commit()
     except ItaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Terminated as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

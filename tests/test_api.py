@@ -93,8 +93,10 @@ def test_errors_have_one_root():
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
     assert all(issubclass(c, ItaeError) for c in classes)
     codes = {c.__name__: c.exit_code for c in classes}
-    assert codes["ParityError"] == 3 and codes["EngineError"] == 4 and codes["Interrupted"] == 130
-    assert codes["Terminated"] == 143 and codes["UsageError"] == 2
+    assert codes["ParityError"] == 3 and codes["EngineError"] == 4 and codes["UsageError"] == 2
+    assert codes["OutputError"] == 5 and codes["OutputBusyError"] == 6
+    # SIGTERM is a KeyboardInterrupt (not an Exception): no `except Exception` can swallow it
+    assert issubclass(errors.Terminated, KeyboardInterrupt) and errors.Terminated.exit_code == 143
 
 
 # ------------------------------------------------------------------------------- without torch

@@ -28,9 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from itae_export import engine as eng
 from itae_export.cli.engine_args import add_engine_args, engine_options_from_args
+from itae_export.errors import EngineError, ParityError, UsageError
 from itae_export.outputs import OutputTransaction
 from itae_export.results import RunInfo
-from itae_export.errors import EngineError, ParityError, UsageError
 
 GPU = {"name": "Fake GPU 9000", "compute_capability": "9.0"}
 H, W = 28, 42  # non-square so a swapped H/W would show

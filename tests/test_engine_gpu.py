@@ -8,8 +8,6 @@ These tests have NOT been run yet (no GPU was available while they were written)
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 
 import numpy as np

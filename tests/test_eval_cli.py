@@ -28,8 +28,8 @@ def onnx_models(tmp_path_factory) -> tuple[Path, Path]:
     import onnx
 
     from graph_passes.itae import apply_itae
-    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
+    from itae_export.onnx_export import export_onnx
 
     d = tmp_path_factory.mktemp("onnx")
     embedder = build_model("dinov2_vits14", random_weights=True, depth=2, img_size=56)

@@ -64,8 +64,8 @@ def test_fuse_exported(exported, variant, exporter):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_fuse_depth3(tmp_path, exporter):
-    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
+    from itae_export.onnx_export import export_onnx
 
     model = build_model("dinov2_vits14", random_weights=True, seed=1, depth=3, img_size=IMG)
     path = export_onnx(model, tmp_path / "d3.onnx", img_size=IMG, exporter=exporter)

@@ -26,8 +26,8 @@ META = {"itae_export.model": "dinov2_vits14", "custom.key": "kept"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from itae_export.onnx_export import export_onnx
     from itae_export.models import build_model
+    from itae_export.onnx_export import export_onnx
 
     d = tmp_path_factory.mktemp("int8")
     exported = export_onnx(build_model("dinov2_vits14", random_weights=True, depth=2, img_size=IMG),

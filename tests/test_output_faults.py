@@ -30,13 +30,6 @@ from itae_export.cli import export_main, patch_main  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56"]
 TIMEOUT = 300
-TERMINATED_IS_AN_EXCEPTION = (
-    "errors.Terminated derives from ItaeError(Exception), so the SIGTERM handler's exception is swallowed by "
-    "any `except Exception` it lands in (torch's import-time CUDA preloading: exit 0 with the output written) "
-    "or wrapped (onnx_export's `except Exception` -> ExportError, exit 2). Fix: make Terminated a "
-    "BaseException like KeyboardInterrupt (class Terminated(BaseException): exit_code = 143) and catch it "
-    "in cli/common.run_command next to KeyboardInterrupt"
-)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -132,8 +125,6 @@ def test_two_concurrent_exports_to_one_out(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ signals
-@pytest.mark.xfail(strict=False, reason=TERMINATED_IS_AN_EXCEPTION + " (timing-dependent: the signal is lost only "
-                   "when it lands in such a handler, so this test fails in some runs only; strict once fixed)")
 def test_sigterm_when_the_staging_folder_appears(tmp_path: Path, capsys) -> None:
     out = tmp_path / "m.onnx"
     p = _popen("--out", str(out))
@@ -147,7 +138,6 @@ def test_sigterm_when_the_staging_folder_appears(tmp_path: Path, capsys) -> None
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason=TERMINATED_IS_AN_EXCEPTION)
 def test_sigterm_during_the_exporter(tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     p = _popen("--out", str(out))
@@ -160,7 +150,6 @@ def test_sigterm_during_the_exporter(tmp_path: Path) -> None:
     _one_error_line(err, "itae-export")
 
 
-@pytest.mark.xfail(strict=True, reason=TERMINATED_IS_AN_EXCEPTION)
 def test_terminated_is_not_swallowed_by_except_exception() -> None:
     """The mechanism of the two tests above, in-process: the handler raises inside third-party code."""
     old = signal.getsignal(signal.SIGTERM)
@@ -209,12 +198,6 @@ def test_sigkill_during_a_force_overwrite_leaves_old_or_new(tmp_path: Path, arti
     np.testing.assert_allclose(_run(out), artifacts["new_y"], atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=outputs.OutputError, reason=(
-    "outputs._make_locked_dir: the LOCK_NB flock on a lock file created a moment ago fails while another "
-    "writer's dead-staging sweep (_dead_lock) probes it, and the writer reports 'cannot be written: Resource "
-    "temporarily unavailable' (exit 5) instead of going on; seen with 4 threads deploying to one Triton model "
-    "(about 1 run in 15). Fix: retry that flock briefly on BlockingIOError (e.g. 200 x 1 ms), and let "
-    "_dead_lock skip staging folders whose pid (in the name) is alive before opening their lock file"))
 def test_a_lock_file_probed_by_a_sweeper_while_it_is_created(tmp_path: Path, monkeypatch) -> None:
     real = fcntl.flock
     probed: list[str] = []
@@ -277,11 +260,7 @@ def base_onnx(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("kind", [
     "read-only",
-    pytest.param("full", marks=pytest.mark.xfail(strict=True, reason=(
-        "onnx_export.export_onnx wraps the ENOSPC of prog.save()/torch.onnx.export in ExportError (exit 2, "
-        "'dynamo export ... failed: OSError: [Errno 28]', the path not named); fix: let OSError (and "
-        "Terminated) through its `except Exception` (`except OSError: raise` first, or save outside the try), "
-        "so the transaction reports OutputError (exit 5)"))),
+    "full",
 ])
 def test_export_to_an_unwritable_file_system(tmp_path: Path, small_fs: Path, kind: str, capsys) -> None:
     settings = tmp_path / "settings.json"
@@ -355,11 +334,6 @@ def _umask(mask: int):
         os.umask(old)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the output transaction sets every committed file to 0o644 (outputs._prepare -> FILE_MODE & source), so "
-    "the build_engine.sh that engine.stage_build_script made 0o755 lands without its exec bit, and the "
-    "'run .../build_engine.sh' the EngineError suggests fails with 'Permission denied'; fix: keep the staged "
-    "file's exec bits (mode = (FILE_MODE | (staged_mode & 0o111)) & source cap) or let add() take mode="))
 def test_the_engine_build_script_is_executable(tmp_path: Path, capsys) -> None:
     rc = _export(tmp_path / "m.engine")  # exit 4 without TensorRT/GPU: the ONNX and the script are written
     assert rc in (0, 3, 4), capsys.readouterr().err

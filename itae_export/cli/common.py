@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from graph_passes.config import (
     ATTENUATIONS,
@@ -19,7 +20,7 @@ from graph_passes.config import (
 )
 from graph_passes.errors import PassError
 
-from ..errors import Interrupted, ItaeError, SettingsError, UsageError
+from ..errors import ItaeError, SettingsError, Terminated, UsageError
 from ..outputs import install_signal_handlers
 
 METHOD_DOC = "docs/method.md"
@@ -37,8 +38,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: "PROG: error: ...; see PROG --help", exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    p = Parser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
     return p
 
@@ -104,8 +112,11 @@ def run_command(prog: str, parser: argparse.ArgumentParser, fn: Callable[[argpar
         return _fail(prog, str(e), e.exit_code)
     except PassError as e:
         return _fail(prog, str(e), UsageError.exit_code)
+    except Terminated as e:
+        return _fail(prog, str(e), Terminated.exit_code)
     except KeyboardInterrupt:
-        return _fail(prog, "interrupted; nothing was written", Interrupted.exit_code)
+        return _fail(prog, "interrupted (SIGINT); unfinished outputs were removed and existing ones left as they "
+                     "were", 130)
     except OSError as e:
         if args.debug:
             raise

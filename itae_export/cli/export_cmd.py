@@ -76,6 +76,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         fast_path_eval_images=args.fast_path_eval_images, graph_options=graph_options_from_args(args),
         engine=engine_options_from_args(args) if is_engine else None,
         triton=triton_options_from_args(args), depth=args.depth,
+        settings=Path(args.settings) if args.settings else None,
     )
 
 
