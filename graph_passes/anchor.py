@@ -18,6 +18,7 @@ attention nodes (ONNX `Attention`, onnxruntime contrib attention ops); the final
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
@@ -198,3 +199,20 @@ def attention_layout(model: onnx.ModelProto, ix: GraphIndex | None = None) -> At
     attention = {v.node.output[0] for v in verdicts if v.attention}
     units = [n for n in nodes if (n.op_type == "Softmax" and n.output[0] in attention) or is_fused_attention(n)]
     return AttentionLayout(verdicts, units, nodes)
+
+
+def consumer_matmul(ix: GraphIndex, t: str, passes: Callable[[onnx.NodeProto, str], bool],
+                    depth: int = 4) -> onnx.NodeProto | None:
+    """The MatMul that reads `t` (the attention probabilities) as its first operand, following
+    consumers through the nodes `passes(node, tensor)` accepts (casts, the SDPA NaN guard), or None."""
+    frontier = [t]
+    for _ in range(depth):
+        nxt = []
+        for name in frontier:
+            for c in ix.consumers.get(name, []):
+                if c.op_type == "MatMul" and c.input[0] == name:
+                    return c
+                if passes(c, name):
+                    nxt.append(c.output[0])
+        frontier = nxt
+    return None

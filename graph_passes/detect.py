@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
-from .anchor import attention_layout, node_label, score_matmul
+from .anchor import attention_layout, consumer_matmul, node_label, score_matmul
 from .graph import GraphIndex
 from .metadata import ITAE_SETTINGS
 
@@ -161,17 +161,8 @@ def _reaches(ix: GraphIndex, starts: list[str], target: str, depth: int = 14) ->
 
 def _pv_input(ix: GraphIndex, probs: str) -> str | None:
     """The V operand of the MatMul that reads `probs` (through casts), or None."""
-    frontier = [probs]
-    for _ in range(4):
-        nxt = []
-        for t in frontier:
-            for c in ix.consumers.get(t, []):
-                if c.op_type == "MatMul" and c.input[0] == t:
-                    return c.input[1]
-                if c.op_type in _PASS:
-                    nxt.append(c.output[0])
-        frontier = nxt
-    return None
+    mm = consumer_matmul(ix, probs, lambda c, _t: c.op_type in _PASS)
+    return mm.input[1] if mm is not None else None
 
 
 def _logit_site(ix: GraphIndex, sm: onnx.NodeProto) -> ItaeSite | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .anchor import attention_layout, node_label
+from .anchor import attention_layout, consumer_matmul, node_label
 from .decompose import decompose_final_attention, final_fused_attention
 from .detect import ItaeSite, PatchInfo, already_patched, find_itae_site  # noqa: F401 - re-exported
 from .errors import AlreadyPatchedError, MatchError, PassError  # noqa: F401 - re-exported
@@ -161,17 +161,10 @@ def _match_qk(ix: GraphIndex, logits: str) -> tuple[onnx.NodeProto, str, str, li
 
 def _match_pv(ix: GraphIndex, probs: str) -> onnx.NodeProto:
     """Step pv-matmul: the probabilities (through casts / the SDPA NaN guard) feed MatMul(p, V)."""
-    frontier = [probs]
-    for _ in range(4):
-        nxt = []
-        for t in frontier:
-            for c in ix.consumers.get(t, []):
-                if c.op_type == "MatMul" and c.input[0] == t:
-                    return c
-                if c.op_type in PASSTHROUGH_OPS or _is_nan_guard(ix, c, t):
-                    nxt.append(c.output[0])
-        frontier = nxt
-    raise MatchError("pv-matmul", "the Softmax output does not feed a MatMul with V (attention probabilities @ V)")
+    mm = consumer_matmul(ix, probs, lambda c, t: c.op_type in PASSTHROUGH_OPS or _is_nan_guard(ix, c, t))
+    if mm is None:
+        raise MatchError("pv-matmul", "the Softmax output does not feed a MatMul with V (attention probabilities @ V)")
+    return mm
 
 
 def _match_projections(ix: GraphIndex, q: str, k_t: str, v: str) -> dict[str, str]:

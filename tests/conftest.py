@@ -3,7 +3,9 @@ exporter and variant, and the planted-artifact model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -106,3 +108,21 @@ def planted_artifact_model(seed: int = 0, img_size: int = IMG, n_images: int = 4
 @pytest.fixture(scope="session")
 def planted():
     return planted_artifact_model()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size: str):
+    """A tmpfs of `size` mounted at `folder` (created); skips the test when not root or the mount
+    fails; always unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)

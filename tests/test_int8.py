@@ -68,7 +68,7 @@ def _ort_quantize(src: Path, dst: Path, exclude: set[str], per_channel: bool, we
     ("ext", True, "qint8"), ("inline", True, "qint8"), ("ext", False, "qint8"), ("inline", False, "quint8"),
 ])
 def test_matches_ort_quantize_dynamic(tiny, tmp_path, kind, per_channel, weight_type):
-    from itae_export.fastpath import final_block_nodes
+    from graph_passes.final_block import final_block_nodes
 
     src = tiny[kind]
     inputs = [src] + ([src.parent / "ext.onnx.data"] if kind == "ext" else [])

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import mounted_tmpfs
 
 pytest.importorskip("onnxruntime")
 
@@ -227,18 +228,8 @@ def test_a_lock_file_probed_by_a_sweeper_while_it_is_created(tmp_path: Path, mon
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A 64 KiB tmpfs at tmp_path/mnt (root only); unmounted afterwards in every case."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "64k") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def _make_readonly(mnt: Path) -> None:

@@ -366,7 +366,8 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
     import onnx
     import torch
 
-    from itae_export.fastpath import final_block_nodes, fuse_model, quantize_int8
+    from graph_passes.final_block import final_block_nodes
+    from itae_export.fastpath import fuse_model, quantize_int8
 
     itae = work / f"{emb.spec.name}.itae.onnx"
     excluded = final_block_nodes(onnx.load(str(itae), load_external_data=False))

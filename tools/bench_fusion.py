@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"fp32": base, "fp32+fused": fused}
 
     if not args.no_int8:
-        from itae_export.fastpath import final_block_nodes, quantize_int8
+        from graph_passes.final_block import final_block_nodes
+        from itae_export.fastpath import quantize_int8
 
         t0 = time.perf_counter()
         paths["int8"] = quantize_int8(base, work / "int8.onnx", exclude=final_block_nodes(graph))

@@ -26,7 +26,7 @@ _CHILD = r"""
 import json, sys, time
 from pathlib import Path
 import onnx
-from itae_export.fastpath import final_block_nodes
+from graph_passes.final_block import final_block_nodes
 which, src, dst, per_channel = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 g = onnx.load(src, load_external_data=False)
 exclude = final_block_nodes(g)
