@@ -430,6 +430,37 @@ def _platform_for(path: Path, platform: str | None) -> str:
     return platform
 
 
+@dataclass
+class _Source:
+    """The model file being deployed, as read: its IO, what goes into the version folder, and what the
+    config's comments and the result's notes say about it."""
+
+    path: Path
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    meta: dict[str, Any] | None  # the export's record, else what the artifact records
+    proto: Any = None  # ONNX: the ModelProto deployed (graph options applied); None for an engine
+    record: dict[str, Any] = field(default_factory=dict)  # graph options applied in the deployed copy
+    sidecar: Path | None = None  # engine: its JSON sidecar
+    engine_max: int | None = None  # engine: the optimization profile's max batch
+    cc: str | None = None  # engine: compute capability it was built for
+    l2_applied: bool = False
+    comments: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Committed:
+    """What one committed output transaction added to the model folder."""
+
+    version: int
+    version_dir: Path
+    config_written: bool
+    files: list[Path]
+    notes: list[str]
+
+
 def write_triton_repo(
     model_path: str | Path,
     repo_dir: str | Path,
@@ -447,8 +478,28 @@ def write_triton_repo(
     max_batch None: the engine profile's max batch (engines) or 8; 0 disables batching (dims then
     include the batch dim). graph_options apply to ONNX sources only (in the deployed copy; the
     source is not modified); for engines they are checked against the engine's IO.
+
+    Steps: check the arguments, read the source's IO (_read_source), settle max_batch, render the
+    config (_render_checked), then stage and commit the version folder (_commit_version).
     """
     src = Path(model_path)
+    _check_repo_args(src, model_name, instance_kind, instance_count, max_batch)
+    platform = _platform_for(src, platform)
+    source = _read_source(src, platform, graph_options or GraphOptions(), instance_kind, meta)
+    max_batch = _resolve_max_batch(source, max_batch)
+    config_text = _render_checked(source, model_name, max_batch, instance_kind, instance_count)
+    model_dir = Path(repo_dir) / model_name
+    done = _commit_version(source, model_dir, max_batch, config_text)
+    return TritonRepoResult(
+        model_dir=model_dir, config_path=model_dir / "config.pbtxt", version=done.version,
+        version_dir=done.version_dir, platform=platform, max_batch=max_batch, inputs=source.inputs,
+        outputs=source.outputs, config_written=done.config_written, files=done.files,
+        graph_options=source.record, notes=source.notes + done.notes,
+    )  # fmt: skip
+
+
+def _check_repo_args(src: Path, model_name: str, instance_kind: str, instance_count: int,
+                     max_batch: int | None) -> None:
     if not src.is_file():
         raise UsageError(f"{src} does not exist; pass an .onnx file or a TensorRT engine (.plan/.engine)")
     if not _NAME_RE.match(model_name or ""):
@@ -461,74 +512,82 @@ def write_triton_repo(
         raise UsageError(f"--instances must be >= 1, got {instance_count}")
     if max_batch is not None and max_batch < 0:
         raise UsageError(f"--max-batch must be >= 0 (0: no batching), got {max_batch}")
-    platform = _platform_for(src, platform)
-    opts = graph_options or GraphOptions()
-    notes: list[str] = []
-    comments = [f"Written by itae-export (itae_export.triton) from {src.name}."]
-    cc = None
-    proto = None
-    sidecar = None
-    record: dict[str, Any] = {}
-    l2_applied = False
 
+
+def _read_source(src: Path, platform: str, opts: GraphOptions, instance_kind: str,
+                 meta: dict[str, Any] | None) -> _Source:
+    """The ONNX (graph options applied to the deployed copy) or the engine's IO, from the file."""
+    comments = [f"Written by itae-export (itae_export.triton) from {src.name}."]
     if platform == "onnxruntime_onnx":
         from .safe_io import load_onnx_checked
 
         proto = load_onnx_checked(src, "model")  # UsageError for garbage, unsafe data locations
+        record: dict[str, Any] = {}
         if opts.any or opts.input_format:
             proto, record = apply_graph_options_proto(proto, opts)
         ins, outs = _onnx_specs(proto)
-        engine_max = None
-    else:
-        if instance_kind != "KIND_GPU":
-            raise UsageError("--instance-kind KIND_CPU: a TensorRT plan runs on a GPU only; use KIND_GPU")
-        sidecar = find_engine_sidecar(src)
-        info = read_engine_sidecar(sidecar) if sidecar else _engine_info_from_tensorrt(src)
-        ins, outs, engine_max, cc = (
-            info["inputs"],
-            info["outputs"],
-            info["max_batch"],
-            info["compute_capability"],
+        return _Source(src, platform, ins, outs, meta, proto=proto, record=record, comments=comments)
+    if instance_kind != "KIND_GPU":
+        raise UsageError("--instance-kind KIND_CPU: a TensorRT plan runs on a GPU only; use KIND_GPU")
+    return _read_engine(src, opts, meta, comments)
+
+
+def _read_engine(src: Path, opts: GraphOptions, meta: dict[str, Any] | None, comments: list[str]) -> _Source:
+    sidecar = find_engine_sidecar(src)
+    info = read_engine_sidecar(sidecar) if sidecar else _engine_info_from_tensorrt(src)
+    s = _Source(
+        src, "tensorrt_plan", info["inputs"], info["outputs"], meta, sidecar=sidecar,
+        engine_max=info["max_batch"], cc=info["compute_capability"], comments=comments,
+    )  # fmt: skip
+    engine_md = info.get("onnx_metadata")  # metadata of the ONNX the engine was built from, if known
+    _check_engine_options(s, opts, engine_md)
+    if engine_md:
+        s.l2_applied = _has_l2(engine_md)
+    if meta is None and sidecar is not None:
+        raw = info["raw"]
+        s.meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
+    if info.get("precision"):
+        comments.append(f"TensorRT precision: {info['precision']}")
+    if s.cc:
+        dev = f" ({info['device_name']})" if info.get("device_name") else ""
+        comments.append(
+            f"TensorRT engine for compute capability {s.cc}{dev}, TensorRT {info.get('tensorrt_version')}."
         )
-        if opts.input_format == "uint8-nhwc" and not any(t.data_type == "TYPE_UINT8" for t in ins):
-            raise UsageError(
-                f"--input-format uint8-nhwc: engine {src} takes {ins[0].data_type}; apply the graph options "
-                "to the ONNX before building the engine (itae_export.triton.apply_graph_options)"
-            )
-        if opts.input_format == "float32-nchw" and ins[0].data_type == "TYPE_UINT8":
-            raise UsageError(
-                f"--input-format float32-nchw: engine {src} takes uint8 NHWC pixels; drop the flag"
-            )
-        engine_md = info.get("onnx_metadata")  # metadata of the ONNX the engine was built from, if known
-        if opts.l2_normalize:
-            from graph_passes.preprocess import L2_NORMALIZE_KEY
+    else:
+        s.notes.append(
+            "compute capability unknown (no sidecar value): the plan loads only on the GPU type it was built for"
+        )
+    return s
 
-            if engine_md is None:
-                notes.append(
-                    "--l2-normalize cannot be checked on this engine; it must have been built with it"
-                )
-            elif L2_NORMALIZE_KEY not in engine_md:
-                raise UsageError(
-                    f"--l2-normalize: engine {src} was built from an ONNX without it; apply the graph options "
-                    "to the ONNX before building the engine (itae_export.triton.apply_graph_options)"
-                )
-        if engine_md:
-            l2_applied = _has_l2(engine_md)
-        if meta is None and sidecar is not None:
-            raw = info["raw"]
-            meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
-        if info.get("precision"):
-            comments.append(f"TensorRT precision: {info['precision']}")
-        if cc:
-            dev = f" ({info['device_name']})" if info.get("device_name") else ""
-            comments.append(
-                f"TensorRT engine for compute capability {cc}{dev}, TensorRT {info.get('tensorrt_version')}."
-            )
-        else:
-            notes.append(
-                "compute capability unknown (no sidecar value): the plan loads only on the GPU type it was built for"
-            )
 
+def _check_engine_options(s: _Source, opts: GraphOptions, engine_md: dict[str, str] | None) -> None:
+    """Graph options cannot be applied to an engine: refuse those its IO (or source ONNX) contradicts."""
+    src, ins = s.path, s.inputs
+    if opts.input_format == "uint8-nhwc" and not any(t.data_type == "TYPE_UINT8" for t in ins):
+        raise UsageError(
+            f"--input-format uint8-nhwc: engine {src} takes {ins[0].data_type}; apply the graph options "
+            "to the ONNX before building the engine (itae_export.triton.apply_graph_options)"
+        )
+    if opts.input_format == "float32-nchw" and ins[0].data_type == "TYPE_UINT8":
+        raise UsageError(
+            f"--input-format float32-nchw: engine {src} takes uint8 NHWC pixels; drop the flag"
+        )
+    if not opts.l2_normalize:
+        return
+    from graph_passes.preprocess import L2_NORMALIZE_KEY
+
+    if engine_md is None:
+        s.notes.append("--l2-normalize cannot be checked on this engine; it must have been built with it")
+    elif L2_NORMALIZE_KEY not in engine_md:
+        raise UsageError(
+            f"--l2-normalize: engine {src} was built from an ONNX without it; apply the graph options "
+            "to the ONNX before building the engine (itae_export.triton.apply_graph_options)"
+        )
+
+
+def _resolve_max_batch(s: _Source, max_batch: int | None) -> int:
+    """The config's max_batch_size: given, else the engine profile's max, else 8; checked against the IO."""
+    engine_max = s.engine_max
     if max_batch is None:
         max_batch = engine_max if engine_max is not None else DEFAULT_MAX_BATCH
     if engine_max is not None and max_batch > engine_max:
@@ -537,17 +596,23 @@ def write_triton_repo(
             f"use --max-batch {engine_max} or rebuild the engine"
         )
     if max_batch > 0:
-        for t in ins + outs:
+        for t in s.inputs + s.outputs:
             if not t.shape or t.shape[0] != -1:
                 raise DeployError(
-                    f"{src}: {t.name!r} has shape {list(t.shape)}, no dynamic batch dim; re-export with a "
+                    f"{s.path}: {t.name!r} has shape {list(t.shape)}, no dynamic batch dim; re-export with a "
                     "dynamic batch or pass --max-batch 0"
                 )
-    for t in ins:
+    for t in s.inputs:
         if -1 in t.shape[1:]:
-            notes.append(
+            s.notes.append(
                 f"input {t.name!r} has dynamic non-batch dims {list(t.shape)}; clients must send a fixed size"
             )
+    return max_batch
+
+
+def _describe_model(s: _Source) -> list[str]:
+    """The config's comments on the model: name and ITAE settings, input format, L2 normalisation."""
+    comments, meta = [], s.meta
     if meta:
         if meta.get("model"):
             comments.append(f"model: {meta['model']}, img_size {meta.get('img_size')}")
@@ -555,44 +620,60 @@ def write_triton_repo(
             comments.append("ITAE: " + (json.dumps(meta["itae"], sort_keys=True) if meta["itae"] else "off"))
     fmt = (
         "uint8 NHWC RGB pixels (normalised inside the graph)"
-        if ins[0].data_type == "TYPE_UINT8"
+        if s.inputs[0].data_type == "TYPE_UINT8"
         else "float, ImageNet-normalised NCHW"
     )
-    comments.append(f"input {ins[0].name!r}: {fmt}")
-    if proto is not None:
-        l2_applied = _has_l2({q.key: q.value for q in proto.metadata_props})
-    if l2_applied:
+    comments.append(f"input {s.inputs[0].name!r}: {fmt}")
+    if s.proto is not None:
+        s.l2_applied = _has_l2({q.key: q.value for q in s.proto.metadata_props})
+    if s.l2_applied:
         comments.append("output is L2-normalised (unit length): use inner product / cosine")
+    return comments
 
+
+def _render_checked(s: _Source, model_name: str, max_batch: int, instance_kind: str, instance_count: int) -> str:
+    """config.pbtxt's text, parsed back with Triton's ModelConfig where tritonclient is installed."""
+    s.comments += _describe_model(s)
     config_text = render_config(
-        model_name=model_name, platform=platform, max_batch=max_batch, inputs=ins, outputs=outs,
-        instance_kind=instance_kind, instance_count=instance_count, compute_capability=cc, comments=comments,
+        model_name=model_name, platform=s.platform, max_batch=max_batch, inputs=s.inputs, outputs=s.outputs,
+        instance_kind=instance_kind, instance_count=instance_count, compute_capability=s.cc, comments=s.comments,
     )  # fmt: skip
     if _model_config_pb2() is not None:
         parse_config(config_text, "generated config.pbtxt")  # guard against a malformed render
     else:
-        notes.append('config.pbtxt not validated: pip install "tritonclient[grpc]" for Triton\'s ModelConfig')
+        s.notes.append('config.pbtxt not validated: pip install "tritonclient[grpc]" for Triton\'s ModelConfig')
+    return config_text
 
-    model_dir = Path(repo_dir) / model_name
-    config_path = model_dir / "config.pbtxt"
-    provenance = {
-        "source": str(src.resolve()),
-        "platform": platform,
-        "graph_options": record,
-        "meta": jsonable(meta or {}),
-        "engine_sidecar": str(sidecar) if sidecar else None,
+
+def _provenance(s: _Source) -> dict[str, Any]:
+    return {
+        "source": str(s.path.resolve()),
+        "platform": s.platform,
+        "graph_options": s.record,
+        "meta": jsonable(s.meta or {}),
+        "engine_sidecar": str(s.sidecar) if s.sidecar else None,
     }
+
+
+def _commit_version(s: _Source, model_dir: Path, max_batch: int, config_text: str) -> _Committed:
+    """Stage and commit the next free version (and config.pbtxt when missing), retrying around
+    concurrent writers: a version number another writer holds or committed is skipped, a config.pbtxt
+    another writer is adding is waited for (up to _CONFIG_WAIT_S) and then checked."""
+    config_path = model_dir / "config.pbtxt"
+    provenance = _provenance(s)
     held: set[int] = set()  # version numbers another writer is staging: try the next one
     deadline = time.monotonic() + _CONFIG_WAIT_S
     while True:
         config_notes: list[str] = []
-        config_written = _config_to_write(config_path, platform, max_batch, ins, outs, cc, config_notes)
+        config_written = _config_to_write(
+            config_path, s.platform, max_batch, s.inputs, s.outputs, s.cc, config_notes
+        )
         version = _next_version(model_dir, held)
         version_dir = model_dir / str(version)
         try:
             files = _write_version(
-                src, version_dir, config_path if config_written else None, config_text, platform, proto,
-                record, sidecar, provenance,
+                s.path, version_dir, config_path if config_written else None, config_text, s.platform, s.proto,
+                s.record, s.sidecar, provenance,
             )  # fmt: skip
         except OutputBusyError:
             if (model_dir / f"{CLAIM_PREFIX}{version}").exists() and len(held) < _MAX_VERSION_SKIPS:
@@ -609,12 +690,7 @@ def write_triton_repo(
             if config_written and config_path.exists():
                 continue  # another writer committed config.pbtxt meanwhile: check it and keep it
             raise
-        break
-    return TritonRepoResult(
-        model_dir=model_dir, config_path=config_path, version=version, version_dir=version_dir,
-        platform=platform, max_batch=max_batch, inputs=ins, outputs=outs, config_written=config_written,
-        files=files, graph_options=record, notes=notes + config_notes,
-    )  # fmt: skip
+        return _Committed(version, version_dir, config_written, files, config_notes)
 
 
 def _config_to_write(config_path: Path, platform: str, max_batch: int, ins: list[TensorSpec],
