@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .viz import plural
 
 
 @dataclass
@@ -126,7 +127,7 @@ def find_valley_threshold(
         return ValleyResult(
             False,
             None,
-            f"no valley: only {x.size} positive lengths collected; calibrate on more images",
+            f"no valley: only {plural(x.size, 'positive length')} collected; calibrate on more images",
             **common,
         )
     logx = np.log(x)
@@ -145,7 +146,7 @@ def find_valley_threshold(
         return ValleyResult(
             False,
             None,
-            f"no valley: the histogram of {x.size} token lengths is unimodal{where}; this model/data shows no "
+            f"no valley: the histogram of {plural(x.size, 'token length')} is unimodal{where}; this model/data shows no "
             "separate high-norm artifact mode. Keep the relative rule (--relative-threshold) or set --threshold by hand",
             peaks=peaks,
             otsu_threshold=otsu,
@@ -181,12 +182,17 @@ def length_summary(lengths: np.ndarray, threshold: float | None, direction: str 
     return out
 
 
-def collect_patch_lengths(embedder, batches: Iterable[np.ndarray], cfg) -> tuple[np.ndarray, dict]:
+def collect_patch_lengths(
+    embedder, batches: Iterable[np.ndarray], cfg, *, progress: bool = False, total: int | None = None,
+    desc: str = "lengths",
+) -> tuple[np.ndarray, dict]:
     """The chosen norm source's lengths of the PATCH tokens (CLS and registers dropped) in the final block,
     over every image of `batches` (float32 [B,3,S,S], preprocessed; itae_export.reference.last_block_stats).
     Token scope gives one length per token, head scope one per (head, token); all go into one sample.
+    progress: a tqdm bar (of `total` images) that counts the images whose lengths are collected.
     Returns (lengths, info)."""
     import torch
+    from tqdm import tqdm
 
     from .reference import last_block_stats
 
@@ -194,13 +200,14 @@ def collect_patch_lengths(embedder, batches: Iterable[np.ndarray], cfg) -> tuple
     npt = grid = None
     n = 0
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for x in batches:
             st = last_block_stats(embedder, torch.as_tensor(x), cfg)
             npt = int(st["num_prefix_tokens"])
             grid = [int(g) for g in st["grid"]]
             chunks.append(np.asarray(st["norms"])[..., npt:].reshape(-1))
             n += len(x)
+            bar.update(len(x))
     lengths = np.concatenate(chunks) if chunks else np.zeros(0)
     return lengths, {
         "num_images": n,

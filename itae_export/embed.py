@@ -33,11 +33,35 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 def file_digest(path: str | Path) -> dict:
     """{"path", "size", "sha256"} of a file; memoised per (path, size, mtime) within the process."""
     p = Path(path).resolve()
+    if p.is_dir():
+        raise UsageError(f"{p} is a folder; a file digest needs a file (weights folders: weights_digest)")
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = sha256_file(p)
     return {"path": str(p), "size": st.st_size, "sha256": _DIGESTS[key]}
+
+
+def weights_digest(path: str | Path) -> dict:
+    """The identity of a --weights path. A file: file_digest. A Hugging Face transformers checkpoint
+    (a folder, or its model.safetensors[.index.json] with config.json beside it): config.json and every
+    weights file (sharded: the index and each shard) in "files", and their combined "sha256" (of the
+    sha256sum-style listing "<sha256>  <name>" per file, names relative to the folder) and "size"."""
+    from .hf_weights import hf_checkpoint_files, is_hf_checkpoint
+
+    p = Path(path).resolve()
+    if not is_hf_checkpoint(p):
+        return file_digest(p)
+    files = [file_digest(f) for f in hf_checkpoint_files(p)]
+    folder = p if p.is_dir() else p.parent
+    listing = "".join(f"{d['sha256']}  {Path(d['path']).relative_to(folder)}\n" for d in files)
+    return {
+        "path": str(p),
+        "format": "transformers",
+        "size": sum(d["size"] for d in files),
+        "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "files": files,
+    }
 
 
 def model_identity(
@@ -50,13 +74,14 @@ def model_identity(
     depth: int | None = None,
     resolved_weights: str | Path | None = None,
 ) -> dict:
-    """What determines the PyTorch model's numbers: name, weights file digest (or the random seed), size."""
+    """What determines the PyTorch model's numbers: name, weights digest (weights_digest: a file, or
+    a transformers checkpoint's config and weight files) or the random seed, size."""
     ident: dict = {"name": name, "img_size": img_size}
     if random_weights:
         ident["weights"] = {"random": True, "seed": seed}
     else:
         w = resolved_weights if resolved_weights is not None else weights
-        ident["weights"] = file_digest(w) if w is not None else None
+        ident["weights"] = weights_digest(w) if w is not None else None
     if depth is not None:
         ident["depth"] = depth
     return ident
@@ -204,22 +229,26 @@ class EmbeddingCache:
 def compute_embeddings(
     backend: Backend, dataset, preprocess, *, batch_size: int = 64, progress: bool = True, workers: int = 2
 ) -> tuple[np.ndarray, float]:
-    """(embeddings [N, D], seconds spent in the backend alone, without image decoding and preprocessing)."""
+    """(embeddings [N, D], seconds spent in the backend alone, without image decoding and preprocessing).
+    progress: a tqdm bar that counts the images embedded (advanced after the backend returns a batch)."""
+    from tqdm import tqdm
+
     from .data import iter_batches
 
     out: list[np.ndarray] = []
     run_s = 0.0
-    for x, _ in iter_batches(
-        dataset, preprocess, batch_size, progress=progress, desc=backend.name, workers=workers
-    ):
-        t0 = time.perf_counter()
-        y = np.asarray(backend.run(x), dtype=np.float32)
-        run_s += time.perf_counter() - t0
-        if y.ndim != 2 or y.shape[0] != x.shape[0]:
-            raise DataError(
-                f"backend {backend.name} returned shape {y.shape} for a batch of {x.shape[0]}; expected [B, D]"
-            )
-        out.append(y)
+    batches = iter_batches(dataset, preprocess, batch_size, progress=False, desc=backend.name, workers=workers)
+    with tqdm(total=len(dataset), desc=backend.name, unit="img", disable=not progress, leave=False) as bar:
+        for x, _ in batches:
+            t0 = time.perf_counter()
+            y = np.asarray(backend.run(x), dtype=np.float32)
+            run_s += time.perf_counter() - t0
+            if y.ndim != 2 or y.shape[0] != x.shape[0]:
+                raise DataError(
+                    f"backend {backend.name} returned shape {y.shape} for a batch of {x.shape[0]}; expected [B, D]"
+                )
+            out.append(y)
+            bar.update(x.shape[0])
     if not out:
         raise DataError(f"data set {dataset.name} ({dataset.split}) has no images")
     return np.concatenate(out), run_s

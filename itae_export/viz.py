@@ -11,6 +11,11 @@ import numpy as np
 from .outputs import OutputTransaction, write_text_atomic
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 token', '2 tokens', '0 tokens' (nouns: an irregular plural, e.g. 'classes')."""
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
+
+
 def _pyplot():
     import matplotlib
 
@@ -88,7 +93,7 @@ def cls_attention_map(cls_attn: np.ndarray, num_prefix_tokens: int, grid: tuple[
     gh, gw = grid
     patches = a[:, num_prefix_tokens:]
     if patches.shape[1] != gh * gw:
-        raise ValueError(f"{patches.shape[1]} patch columns do not fill a {gh}x{gw} grid")
+        raise ValueError(f"{plural(patches.shape[1], 'patch column')} cannot fill a {gh}x{gw} grid")
     return patches.mean(axis=0).reshape(gh, gw)
 
 
@@ -171,7 +176,7 @@ def attention_figures(
                 after,
                 targets[b],
                 flagged=fl,
-                title=f"{name}: {n_flag} tokens attenuated",
+                title=f"{name}: {plural(n_flag, 'token')} attenuated",
                 tx=tx,
             )
         )

@@ -4,6 +4,7 @@ itae-calibrate end to end."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,113 @@ def test_calibrate_cli_writes_settings_that_itae_eval_accepts(tmp_path: Path, mo
     r = json.loads((rep / "report.json").read_text())
     assert r["itae"]["threshold"] == thr and r["runs"]["torch-itae"]["itae"]["threshold"] == thr
     assert r["dataset"]["num_classes"] == 1 and r["preprocessing"]["resize_size"] == 56
+
+
+def test_no_valley_messages_count_in_the_singular_and_plural() -> None:
+    assert "only 1 positive length collected" in find_valley_threshold(np.array([5.0, -1.0])).message
+    assert "only 2 positive lengths collected" in find_valley_threshold(np.array([5.0, 6.0])).message
+
+
+def test_collect_patch_lengths_bar_counts_the_images_processed(monkeypatch) -> None:
+    import tqdm
+    from conftest import planted_artifact_model
+
+    import itae_export.reference as reference
+    from itae_export.calibrate import collect_patch_lengths
+
+    model, imgs, _ = planted_artifact_model(n_images=10)
+    processed: list[int] = []
+    seen: list[tuple[int, int]] = []
+    real = reference.last_block_stats
+
+    def counting(embedder, x, cfg):
+        out = real(embedder, x, cfg)
+        processed.append(len(x))
+        return out
+
+    class Recorder(tqdm.tqdm):
+        def update(self, n=1):
+            if not self.disable:
+                seen.append((self.n + n, sum(processed)))
+            return super().update(n)
+
+    monkeypatch.setattr(reference, "last_block_stats", counting)
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    batches = [imgs[:4].numpy(), imgs[4:8].numpy(), imgs[8:].numpy()]
+    lengths, info = collect_patch_lengths(model, iter(batches), ITAEConfig(), progress=True, total=10)
+    assert info["num_images"] == 10 and lengths.shape == (10 * 16,)
+    assert seen == [(4, 4), (8, 8), (10, 10)]
+
+
+def test_calibrate_cli_progress_runs_to_the_end_and_outputs_are_0644(tmp_path: Path, monkeypatch, capsys) -> None:
+    """With progress on: the bar counts processed images to the end, then status lines cover the fit and
+    the figure; the outputs are 0o644 whatever the umask."""
+    import os
+    import stat
+    import sys
+
+    from conftest import planted_artifact_model
+
+    import itae_export.models
+    from itae_export.cli.eval_cmd import calibrate_main
+
+    model, _, _ = planted_artifact_model()
+    monkeypatch.setattr(itae_export.models, "build_model", lambda *a, **k: model)
+    _planted_imagefolder(tmp_path / "data", n=20)
+    argv = ["dinov2_vits14", "--random-weights", "--img-size", "56", "--dataset", "imagefolder", "--data-root",
+            str(tmp_path / "data"), "--resize-size", "56", "--batch-size", "8", "--out", str(tmp_path / "s.json")]
+    import tqdm
+
+    class Marked(tqdm.tqdm):  # renders are rate-limited: mark where each enabled bar closes, and its count
+        def close(self):
+            if not self.disable and not getattr(self, "_marked", False):
+                self._marked = True
+                sys.stderr.write(f"[bar {self.desc} closed at {self.n}/{self.total}]\n")
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Marked)
+    old = os.umask(0o077)
+    try:
+        rc = calibrate_main(argv)
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    bar, after = err.split("fitting the valley of 320 lengths from 20 images...", 1)
+    assert bar.rstrip().endswith("[bar calibration closed at 20/20]"), bar
+    assert after.index("drawing the histogram...") < after.index("histogram: ") < after.index("valley at length")
+    for f in ("s.json", "s.png"):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f
+
+
+def test_calibrate_help_offers_only_the_options_that_apply(capsys) -> None:
+    from itae_export.cli.eval_cmd import build_calibrate_parser, calibrate_main
+
+    p = build_calibrate_parser()
+    text = p.format_help()
+    usage, options = text.split("\n\n", 1)
+    for gone in ("--attenuation", "--alpha", "--rows", "--threshold", "--relative-threshold"):
+        assert gone not in p._option_string_actions and f"[{gone} " not in usage, gone
+        assert not re.search(rf"^\s+{gone}\b", options, re.M), gone
+    for kept in ("--norm-source", "--norm-scope", "--direction", "--relative-stat", "--settings", "--out"):
+        assert kept in text
+    assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    assert "(2) (default" not in text and "(0.1) (default" not in text  # no default said twice
+    for flag in (["--alpha", "0.5"], ["--threshold", "3"]):
+        with pytest.raises(SystemExit) as e:
+            calibrate_main(["dinov2_vits14", "--dataset", "digits", "--out", "x.json", *flag])
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_attention_figure_titles_count_tokens_in_the_singular_and_plural(tmp_path: Path, monkeypatch) -> None:
+    import itae_export.viz as viz
+
+    titles: list[str] = []
+    monkeypatch.setattr(viz, "plot_attention_overlay", lambda *a, title="", **k: titles.append(title))
+    flagged = np.zeros((3, 5), bool)  # 1 prefix token + a 2x2 grid
+    flagged[1, 1] = True
+    flagged[2, 1:3] = True
+    stats = {"num_prefix_tokens": 1, "grid": (2, 2), "flagged": flagged,
+             "cls_attn_before": np.ones((3, 2, 5)), "cls_attn_after": np.ones((3, 2, 5))}
+    viz.attention_figures(stats, np.zeros((3, 28, 28, 3), np.uint8), tmp_path, names=["a", "b", "c"])
+    assert titles == ["a: 0 tokens attenuated", "b: 1 token attenuated", "c: 2 tokens attenuated"]

@@ -4,6 +4,7 @@ ONNX Runtime on the exported (and ITAE-patched) models, backend agreement, the e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,128 @@ def test_engine_sidecar_settings_are_checked(tmp_path: Path, capsys) -> None:
     rc = eval_main(common + ITAE_FLAGS)
     err = capsys.readouterr().err
     assert rc == 4 and "itae-eval: error:" in err, err  # EngineError
+
+
+SMALL = ["--dataset", "digits", "--limit", "20", "--no-progress", "--n-init", "2"]
+
+
+def test_report_title_states_the_evaluated_subset(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    assert eval_main(MODEL + SMALL + ["--report-dir", str(out), "--viz", "0"]) == 0, capsys.readouterr().err
+    md = (out / "report.md").read_text().splitlines()
+    assert md[0] == "# itae-eval: dinov2_vits14 on digits (20 of 1797 images, seed 0)"
+    data = next(line for line in md if line.startswith("- data: "))
+    assert "20 images, 10 classes" in data and "(seed 0) of 1797 images" in data
+
+
+def test_dataset_title_words() -> None:
+    from itae_export.cli.eval_cmd import dataset_title
+
+    d = {"dataset": "cifar10", "split": "test", "count": 10000}
+    assert dataset_title(d) == "cifar10 (test, all 10000 images)"
+    assert dataset_title({**d, "count": 1}) == "cifar10 (test, 1 image)"
+    sub = {**d, "count": 5, "subset": {"limit": 5, "seed": 3, "of": 10000}}
+    assert dataset_title(sub) == "cifar10 (test, 5 of 10000 images, seed 3)"
+    assert dataset_title({"dataset": "digits", "split": "all", "count": 1797}) == "digits (all 1797 images)"
+
+
+@pytest.mark.parametrize("scope", ["token", "head"])
+def test_norm_histogram_holds_every_evaluated_image(tmp_path: Path, monkeypatch, scope: str, capsys) -> None:
+    import itae_export.viz as viz
+
+    drawn: list[np.ndarray] = []
+    real = viz.plot_norm_histogram
+
+    def recording(lengths, out, **kw):
+        drawn.append(np.asarray(lengths))
+        return real(lengths, out, **kw)
+
+    monkeypatch.setattr(viz, "plot_norm_histogram", recording)
+    out = tmp_path / "r"
+    argv = MODEL + SMALL + ["--norm-scope", scope, "--report-dir", str(out), "--viz", "2"]
+    assert eval_main(argv) == 0, capsys.readouterr().err
+    per_image = 16 * (6 if scope == "head" else 1)  # 56 px: 4x4 patches; ViT-S/14: 6 heads
+    assert len(drawn) == 1 and drawn[0].size == 20 * per_image
+    h = _report(out)["norm_histogram"]
+    assert h["images"] == 20 and h["lengths"] == 20 * per_image and h["norm_scope"] == scope
+    assert f"{20 * per_image} patch-token lengths" in (out / "report.md").read_text()
+
+
+def test_report_files_are_0644_whatever_the_umask(tmp_path: Path, capsys) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "r"
+    old = os.umask(0o077)
+    try:
+        rc = eval_main(MODEL + SMALL + ["--report-dir", str(out), "--viz", "1"])
+    finally:
+        os.umask(old)
+    assert rc == 0, capsys.readouterr().err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.relative_to(out).as_posix() for p in files}
+    assert {"report.md", "report.json", "norm_histogram.png"} <= names
+    assert any(n.startswith("attention/") for n in names) and any(n.startswith("embeddings/") for n in names)
+    assert {p.relative_to(out).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        n: oct(0o644) for n in names
+    }
+
+
+def test_eval_progress_bars_and_status_lines(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Progress on: each bar closes at its total (images embedded, images measured) and the steps
+    without a bar (data, model, k-means, figures) print a status line."""
+    import sys
+
+    import tqdm
+
+    class Marked(tqdm.tqdm):
+        def close(self):
+            if not self.disable and not getattr(self, "_marked", False):
+                self._marked = True
+                sys.stderr.write(f"[bar {self.desc} closed at {self.n}/{self.total}]\n")
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Marked)
+    data = [a for a in SMALL if a != "--no-progress"]
+    assert eval_main(MODEL + data + ["--report-dir", str(tmp_path / "r"), "--viz", "1"]) == 0
+    err = capsys.readouterr().err
+    marks = re.findall(r"\[bar [^\]]*\]", err)
+    assert marks == ["[bar torch-baseline closed at 20/20]", "[bar torch-itae closed at 20/20]",
+                     "[bar norm histogram closed at 20/20]"]
+    for line in ("reading digits...", "building dinov2_vits14 (random weights, 56 px)...",
+                 "torch-baseline: k-means (k = 10, n_init 2) on 20 embeddings of dimension 384...",
+                 "attention figure of the first image..."):
+        assert line in err, line
+
+
+def test_eval_help_names_the_weights_formats() -> None:
+    from itae_export.cli.eval_cmd import build_eval_parser
+
+    text = " ".join(build_eval_parser().format_help().split())
+    assert "official .pth, timm .safetensors, or a Hugging Face transformers folder (config.json + " \
+           "model.safetensors)" in text
+    assert "(224) (default" not in text and "(10) (default" not in text
+
+
+def test_eval_with_weights_from_a_transformers_folder(tmp_path: Path, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                    image_size=518, patch_size=14)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    folder = tmp_path / "dinov2-small"
+    transformers.Dinov2Model(cfg).eval().save_pretrained(folder)
+    out = tmp_path / "r"
+    argv = ["dinov2_vits14", "--weights", str(folder), "--img-size", "56"] + SMALL
+    assert eval_main(argv + ["--report-dir", str(out), "--viz", "0"]) == 0, capsys.readouterr().err
+    w = _report(out)["model"]["weights"]
+    assert w["format"] == "transformers" and w["path"] == str(folder.resolve())
+    assert [Path(f["path"]).name for f in w["files"]] == ["config.json", "model.safetensors"]
+    assert "transformers checkpoint, 2 files" in (out / "report.md").read_text()
+    # the cache key covers config.json: the same weights under another config are not reused
+    assert eval_main(argv + ["--report-dir", str(out), "--viz", "0", "--force"]) == 0
+    assert all(r["embedding"]["cached"] for r in _report(out)["runs"].values())
+    conf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**conf, "layer_norm_eps": 1e-6, "note": "edited"}))
+    assert eval_main(argv + ["--report-dir", str(out), "--viz", "0", "--force"]) == 0
+    assert not any(r["embedding"]["cached"] for r in _report(out)["runs"].values())

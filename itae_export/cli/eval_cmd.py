@@ -11,12 +11,14 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
 from ..outputs import OutputTransaction
+from ..viz import plural
 from .common import add_itae_args, itae_config_from_args, make_parser
 
 # --------------------------------------------------------------------------------------------- options
@@ -27,22 +29,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     w = p.add_mutually_exclusive_group()
     w.add_argument(
         "--weights",
-        metavar="FILE",
-        help="official .pth or timm model.safetensors (default: look in the caches)",
+        metavar="PATH",
+        help="official .pth, timm .safetensors, or a Hugging Face transformers folder (config.json + "
+        "model.safetensors) (default: search the torch hub, timm and Hugging Face caches)",
     )
     w.add_argument(
         "--random-weights", action="store_true", help="random weights (smoke tests; numbers mean nothing)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (0)")
     p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)  # tests: a shallow random model
-    p.add_argument("--img-size", type=int, default=224, help="input size, multiple of 14 (224)")
+    p.add_argument("--img-size", type=int, default=224, help="input size, multiple of 14")
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_limit: int | None) -> None:
     from ..data import DATASETS
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, choices=DATASETS)
+    g.add_argument("--dataset", required=True, choices=DATASETS, help="the data set (docs/evaluation.md)")
     g.add_argument("--data-root", metavar="DIR", help="folder holding the data set in its release layout")
     g.add_argument(
         "--split", default=None, help="test (default; tiny-imagenet: val; digits: all), train, ..."
@@ -52,8 +55,9 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_limit: int | None) -> 
         action="store_true",
         help="CIFAR-100: the 20 coarse superclasses instead of the 100 fine classes",
     )
-    g.add_argument("--limit", type=int, default=default_limit, help="use a seeded random subset of N images")
-    g.add_argument("--subset-seed", type=int, default=0, help="seed of the --limit subset (0)")
+    g.add_argument("--limit", type=int, default=default_limit, metavar="N",
+                   help="use a seeded random subset of N images" + ("" if default_limit else " (default: all)"))
+    g.add_argument("--subset-seed", type=int, default=0, metavar="SEED", help="seed of the --limit subset (0)")
     g.add_argument(
         "--resize",
         choices=("shorter", "square"),
@@ -64,18 +68,20 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_limit: int | None) -> 
         "--resize-size",
         type=int,
         default=None,
-        help="resize target before the centre crop (round(img_size*256/224))",
+        metavar="PX",
+        help="resize target before the centre crop (default: round(img_size*256/224))",
     )
-    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, default=2, help="image decoding threads (2)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic", help="resize filter")
+    g.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass")
+    g.add_argument("--workers", type=int, default=2, metavar="N", help="image decoding threads")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars or status lines on stderr")
 
 
 def _load_data(args):
     from ..data import Preprocess, load_dataset
 
     t0 = time.perf_counter()
+    _status(args, f"reading {args.dataset}{f' ({args.split})' if args.split else ''}...")
     ds = load_dataset(args.dataset, args.data_root, args.split, coarse=args.coarse).subset(
         args.limit, args.subset_seed
     )
@@ -93,6 +99,8 @@ def _build(args):
     from ..models import build_model, find_weights, get_spec
 
     t0 = time.perf_counter()
+    weights = "random weights" if args.random_weights else f"weights {args.weights or 'from the caches'}"
+    _status(args, f"building {args.model} ({weights}, {args.img_size} px)...")
     embedder = build_model(
         args.model,
         weights=args.weights,
@@ -178,7 +186,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         "--n-clusters", type=int, default=None, help="number of clusters (default: number of classes)"
     )
     k.add_argument("--kmeans-seed", type=int, default=0, help="k-means random_state (0)")
-    k.add_argument("--n-init", type=int, default=10, help="k-means restarts; the best inertia wins (10)")
+    k.add_argument("--n-init", type=int, default=10, help="k-means restarts; the best inertia wins")
     k.add_argument(
         "--normalize",
         choices=("none", "l2"),
@@ -196,7 +204,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         metavar="N",
-        help="attention figures for the first N images, 0 for none (4)",
+        help="attention figures for the first N images, and the norm histogram of all evaluated images; "
+        "0 for none",
     )
     o.add_argument("--force", action="store_true", help="overwrite an existing report in REPORT_DIR")
     add_itae_args(p)
@@ -280,43 +289,89 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _input_files(args: argparse.Namespace, *names: str) -> list[Path]:
-    return [Path(v) for v in (getattr(args, n, None) for n in names) if v]
+    """The files a run reads (never outputs); a transformers checkpoint folder adds its files."""
+    from ..errors import ModelError
+    from ..hf_weights import hf_checkpoint_files
+
+    out = []
+    for p in (Path(v) for v in (getattr(args, n, None) for n in names) if v):
+        out.append(p)
+        if p.is_dir():
+            with contextlib.suppress(ModelError, OSError):
+                out += hf_checkpoint_files(p)
+    return out
+
+
+def _status(args: argparse.Namespace, message: str) -> None:
+    """A status line on stderr before a step that has no progress bar (none with --no-progress)."""
+    if not args.no_progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Runs:
+    """Every backend's embeddings, k-means assignments and report record, by backend name."""
+
+    records: dict[str, dict] = field(default_factory=dict)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    assignments: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _eval(args, argv, stack: contextlib.ExitStack, report_tx: OutputTransaction, t_start: float,
           inputs: list[Path]) -> int:
-    from ..cluster import KMeansSettings, backend_agreement, clustering_metrics, kmeans
-    from ..embed import (
-        EmbeddingCache,
-        get_embeddings,
-        onnx_backend,
-        tensorrt_backend,
-        torch_baseline_backend,
-        torch_itae_backend,
-    )
+    """Check the given models, load the data, build the backends, embed and cluster with each, draw
+    the figures, write the report."""
+    from ..cluster import KMeansSettings
 
     report_dir = Path(args.report_dir)
-    json_path, md_path = report_dir / "report.json", report_dir / "report.md"
     cfg = itae_config_from_args(args)
-    # Cheap checks of the given models before any image is read.
-    if args.onnx_baseline:
-        _check_onnx_settings(args.onnx_baseline, None, "--onnx-baseline")
-    if args.onnx:
-        _check_onnx_settings(args.onnx, cfg.to_dict(), "--onnx")
-    engine_facts = _check_engine_settings(args.engine, cfg.to_dict()) if args.engine else None
+    engine_facts = _check_models(args, cfg)  # cheap checks of the given models before any image is read
     km_settings = KMeansSettings(
         n_clusters=args.n_clusters, seed=args.kmeans_seed, n_init=args.n_init, normalize=args.normalize
     )
     ds, pre, t_data = _load_data(args)
-    attention_tx = None
-    if args.viz > 0 and len(ds) > 0:
-        from ..viz import attention_figure_paths
-
-        figs = attention_figure_paths(report_dir / "attention", min(args.viz, len(ds)), _figure_names(args, ds))
-        attention_tx = stack.enter_context(OutputTransaction(
-            figs[-1], extra=figs[:-1], inputs=inputs, force=args.force, flag="--report-dir"))
+    attention_tx = _claim_attention_figures(args, ds, stack, inputs)
     embedder, model_ident, t_model = _build(args)
-    progress = not args.no_progress
+    backends, compare_to = _make_backends(args, embedder, cfg, engine_facts)
+    runs = _embed_and_cluster(args, backends, ds, pre, model_ident, km_settings)
+    figures, histogram = (
+        _eval_figures(args, embedder, ds, pre, cfg, report_dir, report_tx, attention_tx)
+        if args.viz > 0 else ([], None)
+    )  # fmt: skip
+    report = _eval_report(
+        args, argv, model_ident=model_ident, ds=ds, pre=pre, km_settings=km_settings, cfg=cfg, runs=runs,
+        compare_to=compare_to, figures=figures, histogram=histogram,
+        timings={"load_data_s": t_data, "build_model_s": t_model, "total_s": time.perf_counter() - t_start},
+    )  # fmt: skip
+    _write_report(report, report_dir, report_tx, attention_tx)
+    return 0
+
+
+def _check_models(args, cfg) -> dict | None:
+    """Refuse given models whose ITAE settings do not match this run; returns the engine sidecar's facts."""
+    if args.onnx_baseline:
+        _check_onnx_settings(args.onnx_baseline, None, "--onnx-baseline")
+    if args.onnx:
+        _check_onnx_settings(args.onnx, cfg.to_dict(), "--onnx")
+    return _check_engine_settings(args.engine, cfg.to_dict()) if args.engine else None
+
+
+def _claim_attention_figures(args, ds, stack: contextlib.ExitStack, inputs: list[Path]) -> OutputTransaction | None:
+    """The output transaction of the attention PNGs (claimed before the model is built), if any."""
+    if args.viz <= 0 or len(ds) == 0:
+        return None
+    from ..viz import attention_figure_paths
+
+    figs = attention_figure_paths(Path(args.report_dir) / "attention", min(args.viz, len(ds)),
+                                  _figure_names(args, ds))
+    return stack.enter_context(OutputTransaction(
+        figs[-1], extra=figs[:-1], inputs=inputs, force=args.force, flag="--report-dir"))
+
+
+def _make_backends(args, embedder, cfg, engine_facts: dict | None) -> tuple[list, dict[str, str]]:
+    """The PyTorch baseline and ITAE, then the given ONNX models / engine; and for each exported
+    backend the PyTorch run it is compared with."""
+    from ..embed import onnx_backend, tensorrt_backend, torch_baseline_backend, torch_itae_backend
 
     backends = [torch_baseline_backend(embedder), torch_itae_backend(embedder, cfg)]
     compare_to = {}
@@ -334,26 +389,26 @@ def _eval(args, argv, stack: contextlib.ExitStack, report_tx: OutputTransaction,
         be.identity["sidecar"] = engine_facts
         backends.append(be)
         compare_to[be.name] = "torch-itae"
+    return backends, compare_to
 
-    cache = EmbeddingCache(None if args.no_cache else (args.cache_dir or report_dir / "embeddings"))
-    runs: dict[str, dict] = {}
-    embs: dict[str, np.ndarray] = {}
-    assigns: dict[str, np.ndarray] = {}
+
+def _embed_and_cluster(args, backends: list, ds, pre, model_ident: dict, km_settings) -> _Runs:
+    """Embeddings (cached or computed, a progress bar of the images embedded) and k-means per backend."""
+    from ..cluster import clustering_metrics, kmeans
+    from ..embed import EmbeddingCache, get_embeddings
+
+    cache = EmbeddingCache(None if args.no_cache else (args.cache_dir or Path(args.report_dir) / "embeddings"))
+    runs = _Runs()
     for be in backends:
-        emb, info = get_embeddings(
-            be,
-            ds,
-            pre,
-            model_ident,
-            cache,
-            batch_size=args.batch_size,
-            progress=progress,
-            workers=args.workers,
-        )
+        emb, info = get_embeddings(be, ds, pre, model_ident, cache, batch_size=args.batch_size,
+                                   progress=not args.no_progress, workers=args.workers)
+        k = km_settings.n_clusters or ds.num_classes
+        _status(args, f"{be.name}: k-means (k = {k}, n_init {km_settings.n_init}) on "
+                      f"{plural(len(emb), 'embedding')} of dimension {emb.shape[1]}...")
         assign, km_info = kmeans(emb, km_settings, ds.num_classes)
         metrics = clustering_metrics(ds.labels, assign)
-        embs[be.name], assigns[be.name] = emb, assign
-        runs[be.name] = {
+        runs.embeddings[be.name], runs.assignments[be.name] = emb, assign
+        runs.records[be.name] = {
             "backend": be.kind,
             "itae": be.itae,
             "metrics": metrics,
@@ -366,17 +421,23 @@ def _eval(args, argv, stack: contextlib.ExitStack, report_tx: OutputTransaction,
             f"{be.name:22s} ACC {_pct(metrics['acc'])}  NMI {_pct(metrics['nmi'])}  ARI {_pct(metrics['ari'])}  ({took})",
             file=sys.stderr,
         )
+    return runs
+
+
+def _eval_report(args, argv, *, model_ident: dict, ds, pre, km_settings, cfg, runs: _Runs,
+                 compare_to: dict[str, str], figures: list[Path], histogram: dict | None,
+                 timings: dict[str, float]) -> dict:
+    """report.json's content (report.md is rendered from it)."""
+    from ..cluster import backend_agreement
+
+    emb, assign, rec = runs.embeddings, runs.assignments, runs.records
     agreement = {
-        f"{name} vs {ref}": backend_agreement(embs[ref], embs[name], assigns[ref], assigns[name])
+        f"{name} vs {ref}": backend_agreement(emb[ref], emb[name], assign[ref], assign[name])
         for name, ref in compare_to.items()
     }
-    delta = {
-        m: runs["torch-itae"]["metrics"][m] - runs["torch-baseline"]["metrics"][m]
-        for m in ("acc", "nmi", "ari")
-    }
-
-    figures = _eval_figures(args, embedder, ds, pre, cfg, report_dir, report_tx, attention_tx) if args.viz > 0 else []
-    report = {
+    delta = {m: rec["torch-itae"]["metrics"][m] - rec["torch-baseline"]["metrics"][m] for m in ("acc", "nmi", "ari")}
+    report_dir = Path(args.report_dir)
+    return {
         "tool": "itae-eval",
         "argv": argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -385,27 +446,30 @@ def _eval(args, argv, stack: contextlib.ExitStack, report_tx: OutputTransaction,
         "preprocessing": {**pre.to_dict(), "description": pre.describe()},
         "kmeans": km_settings.to_dict(),
         "itae": cfg.to_dict(),
-        "runs": runs,
+        "runs": rec,
         "itae_minus_baseline": delta,
         "agreement": agreement,
         "figures": [str(p.relative_to(report_dir)) for p in figures],
-        "timings": {
-            "load_data_s": t_data,
-            "build_model_s": t_model,
-            "total_s": time.perf_counter() - t_start,
-        },
+        "norm_histogram": histogram,
+        "timings": timings,
         "environment": _environment(),
     }
+
+
+def _write_report(report: dict, report_dir: Path, report_tx: OutputTransaction,
+                  attention_tx: OutputTransaction | None) -> None:
+    """Stage report.md and report.json and commit: the figures first, the report that links them last.
+    Reports are generated, not copied: no source caps their mode (0o644)."""
+    json_path, md_path = report_dir / "report.json", report_dir / "report.md"
     for path, text in ((md_path, render_eval_markdown(report)),
                        (json_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")):
         staged = report_tx.stage_path(path)
         staged.write_text(text)
         report_tx.add(staged, path)
     if attention_tx is not None:
-        attention_tx.commit()  # the figures first: the report that links them lands last
+        attention_tx.commit()
     report_tx.commit()
     print(f"report: {md_path} and {json_path}", file=sys.stderr)
-    return 0
 
 
 def _figure_names(args, ds) -> list[str]:
@@ -417,43 +481,62 @@ def _figure_names(args, ds) -> list[str]:
 
 
 def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path, report_tx: OutputTransaction,
-                  attention_tx: OutputTransaction | None) -> list[Path]:
-    """Attention before/after ITAE for the first --viz images, and their patch-length histogram, staged
-    in the report's transactions."""
+                  attention_tx: OutputTransaction | None) -> tuple[list[Path], dict]:
+    """Attention before/after ITAE for the first --viz images, and the patch-length histogram of every
+    evaluated image, staged in the report's transactions. Returns (paths, the histogram's record)."""
     import torch
 
+    from ..calibrate import collect_patch_lengths
+    from ..data import iter_batches
     from ..reference import last_block_stats
     from ..viz import attention_figures, plot_norm_histogram
 
     n = min(args.viz, len(ds))
+    _status(args, "attention figure of the first image..." if n == 1 else f"attention figures of the first {n} images...")
     x = np.stack([pre(ds.load(i)) for i in range(n)])
     st = last_block_stats(embedder, torch.from_numpy(x), cfg)
     images = np.stack([pre.denormalize(xi) for xi in x])
     paths = attention_figures(st, images, report_dir / "attention", names=_figure_names(args, ds), tx=attention_tx)
-    npt = int(st["num_prefix_tokens"])
-    lengths = np.asarray(st["norms"])[..., npt:].ravel()
-    paths.append(
-        plot_norm_histogram(
-            lengths,
-            report_dir / "norm_histogram.png",
-            threshold=cfg.threshold,
-            title=f"{args.model}: {cfg.norm_source} lengths of patch tokens, last block ({n} images)",
-            tx=report_tx,
-        )
-    )
-    return paths
+    batches = (b for b, _ in iter_batches(ds, pre, args.batch_size, progress=False, workers=args.workers))
+    lengths, info = collect_patch_lengths(embedder, batches, cfg, progress=not args.no_progress, total=len(ds),
+                                          desc="norm histogram")
+    histogram = {"file": "norm_histogram.png", "images": info["num_images"], "lengths": int(lengths.size),
+                 "norm_source": cfg.norm_source, "norm_scope": cfg.norm_scope}
+    title = (f"{args.model}: {cfg.norm_source} lengths of patch tokens ({cfg.norm_scope} scope), last block\n"
+             f"{dataset_title(ds.describe())}, {plural(lengths.size, 'length')}")
+    paths.append(plot_norm_histogram(lengths, report_dir / "norm_histogram.png", threshold=cfg.threshold,
+                                     title=title, tx=report_tx))
+    return paths, histogram
+
+
+def dataset_title(d: dict) -> str:
+    """The evaluated images, from ImageDataset.describe(): 'digits (200 of 1797 images, seed 0)',
+    'cifar10 (test, all 10000 images)'."""
+    sub = d.get("subset")
+    if sub:
+        count = f"{sub['limit']} of {plural(sub['of'], 'image')}, seed {sub['seed']}"
+    else:
+        count = plural(d["count"], "image") if d["count"] == 1 else f"all {d['count']} images"
+    split = "" if d.get("split") in (None, "all") else f"{d['split']}, "
+    return f"{d['dataset']} ({split}{count})"
+
+
+def _weights_words(w: dict | None) -> str:
+    if not w:
+        return "n/a"
+    if w.get("random"):
+        return f"random (seed {w['seed']})"
+    if w.get("format") == "transformers":
+        return (f"{w['path']} (transformers checkpoint, {plural(len(w['files']), 'file')}, "
+                f"sha256 {w['sha256'][:12]}...)")
+    return f"{w['path']} (sha256 {w['sha256'][:12]}...)"
 
 
 def render_eval_markdown(r: dict) -> str:
     m, d, pre, km = r["model"], r["dataset"], r["preprocessing"], r["kmeans"]
-    w = m["weights"]
-    weights = (
-        f"random (seed {w['seed']})"
-        if w and w.get("random")
-        else (f"{w['path']} (sha256 {w['sha256'][:12]}...)" if w else "n/a")
-    )
+    weights = _weights_words(m["weights"])
     lines = [
-        f"# itae-eval: {m['name']} on {d['dataset']} ({d['split']})",
+        f"# itae-eval: {m['name']} on {dataset_title(d)}",
         "",
         f"Command: `itae-eval {' '.join(r['argv'])}`  ",
         f"Created: {r['created']}",
@@ -495,9 +578,11 @@ def render_eval_markdown(r: dict) -> str:
         f"- model: {m['name']}, image size {m['img_size']}"
         + (f", depth {m['depth']}" if "depth" in m else "")
         + f", weights {weights}",
-        f"- data: {d['dataset']}, split {d['split']}, {d['count']} images, {d['num_classes']} classes, root {d['root']}"
+        f"- data: {d['dataset']}, split {d['split']}, {plural(d['count'], 'image')}, "
+        f"{plural(d['num_classes'], 'class', 'classes')}, root {d['root']}"
         + (f", labels {d['labels']}" if "labels" in d else "")
-        + (f", seeded subset {d['subset']}" if "subset" in d else ""),
+        + (f", a seeded random subset (seed {d['subset']['seed']}) of {plural(d['subset']['of'], 'image')}"
+           if "subset" in d else ""),
         f"- preprocessing: {pre['description']}",
         f"- k-means: sklearn KMeans, k = {km['n_clusters'] or 'number of classes'}, n_init {km['n_init']}, seed {km['seed']}, "
         f"max_iter {km['max_iter']}, normalisation {km['normalize']}",
@@ -513,7 +598,12 @@ def render_eval_markdown(r: dict) -> str:
         "",
     ]
     if r["figures"]:
-        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in r["figures"]] + [""]
+        lines += ["## Figures", ""]
+        h = r.get("norm_histogram")
+        if h:
+            lines += [f"{h['file']}: {plural(h['lengths'], 'patch-token length')} ({h['norm_source']}, "
+                      f"{h['norm_scope']} scope) from the {plural(h['images'], 'evaluated image')}.", ""]
+        lines += [f"![{f}]({f})" for f in r["figures"]] + [""]
     return "\n".join(lines)
 
 
@@ -528,24 +618,43 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     p = make_parser(
         prog="itae-calibrate",
         description="Find ITAE's absolute threshold at the valley of the histogram of patch-token lengths in the last "
-        "block, and save it as a settings file for --settings.",
+        "block (the norm source, scope and direction below), and save it with those settings as a settings file "
+        "for --settings of itae-export, itae-patch and itae-eval. The histogram PNG is written in any case; "
+        "without a valley (a unimodal histogram) no settings file is written and the exit status is 2.",
     )
     _add_model_args(p)
     _add_data_args(p, default_limit=1000)
     c = p.add_argument_group("calibration")
     c.add_argument("--out", required=True, metavar="FILE", help="settings JSON to write")
     c.add_argument("--plot", metavar="PNG", help="histogram figure (default: FILE with .png)")
-    c.add_argument("--bins", type=int, default=None, help="histogram bins (sqrt(N) clipped to 20..200)")
-    c.add_argument("--smooth", type=float, default=2.0, help="Gaussian smoothing, in bins (2)")
+    c.add_argument("--bins", type=int, default=None, metavar="N",
+                   help="histogram bins (default: sqrt(number of lengths) clipped to 20..200)")
+    c.add_argument("--smooth", type=float, default=2.0, metavar="SIGMA", help="Gaussian smoothing, in bins")
     c.add_argument(
         "--min-prominence",
         type=float,
         default=0.1,
-        help="a mode counts if its prominence is >= this x the tallest peak (0.1)",
+        metavar="FRACTION",
+        help="a mode counts if its prominence is >= this x the tallest peak",
     )
     c.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    add_itae_args(p)
+    add_itae_args(p, attenuation=False)
+    _withdraw_options(p, "--threshold", "--relative-threshold")  # the threshold is what it computes
+    for a in p._actions:
+        if a.dest == "relative_stat":
+            a.help = ("statistic of the relative rule, kept in the settings file (for itae-export/itae-eval "
+                      "--relative-threshold later; default mean)")
+        elif a.dest == "settings":
+            a.help = "JSON settings file to start from (its threshold is replaced); flags override it"
     return p
+
+
+def _withdraw_options(p: argparse.ArgumentParser, *options: str) -> None:
+    """Remove options add_itae_args added that do not apply to this command (argparse's own removal
+    of conflicting options: the option strings and, with none left, the action and its help)."""
+    for o in options:
+        action = p._option_string_actions[o]
+        p._handle_conflict_resolve(action, [(o, action)])
 
 
 def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -562,42 +671,18 @@ def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _calibrate(args, argv, out_tx: OutputTransaction, plot_tx: OutputTransaction) -> int:
-    from ..calibrate import (
-        calibrated_config,
-        check_lengths,
-        collect_patch_lengths,
-        find_valley_threshold,
-        length_summary,
-        settings_text,
-    )
-    from ..data import iter_batches
+    """Load the data, build the model, collect the patch lengths, fit the valley and draw it, write
+    the settings."""
+    from ..calibrate import calibrated_config, length_summary, settings_text
     from ..errors import DataError
-    from ..viz import plot_norm_histogram
 
-    out, plot = out_tx.dest, plot_tx.dest
     cfg = itae_config_from_args(args)
     ds, pre, _ = _load_data(args)
     embedder, model_ident, _ = _build(args)
-    batches = (
-        x
-        for x, _ in iter_batches(ds, pre, args.batch_size, progress=not args.no_progress, desc="calibration")
-    )
-    lengths, info = collect_patch_lengths(embedder, batches, cfg)
-    check_lengths(lengths, f"{ds.name} ({ds.split})")
-    res = find_valley_threshold(
-        lengths, bins=args.bins, smooth=args.smooth, min_prominence=args.min_prominence
-    )
-    title = f"{args.model}: {cfg.norm_source} lengths ({cfg.norm_scope} scope), patch tokens, last block"
-    plot_norm_histogram(
-        lengths, plot, threshold=res.threshold, title=title, note=None if res.found else "no valley found",
-        tx=plot_tx,
-    )
-    plot_tx.commit()  # drawn even without a valley: it shows why
-    print(f"histogram: {plot}", file=sys.stderr)
+    lengths, info = _calibration_lengths(args, embedder, ds, pre, cfg)
+    res = _fit_and_plot(args, lengths, ds, cfg, plot_tx)
     if not res.found:
-        raise DataError(
-            f"{res.message} (calibration set: {ds.name} {ds.split}, {len(ds)} images); no settings written"
-        )
+        raise DataError(f"{res.message} (calibration set: {dataset_title(ds.describe())}); no settings written")
     calibration = {
         "command": "itae-calibrate " + " ".join(argv),
         "method": res.method,
@@ -610,16 +695,45 @@ def _calibrate(args, argv, out_tx: OutputTransaction, plot_tx: OutputTransaction
         "num_prefix_tokens": info["num_prefix_tokens"],
         "grid": info["grid"],
         "seconds": info["seconds"],
-        "histogram_png": str(plot),
+        "histogram_png": str(plot_tx.dest),
     }
-    new_cfg = calibrated_config(cfg, res.threshold)
     staged = out_tx.stage_path()
-    staged.write_text(settings_text(new_cfg, calibration))
+    staged.write_text(settings_text(calibrated_config(cfg, res.threshold), calibration))
     out_tx.add(staged)
     out_tx.commit()
     frac = calibration["lengths"].get("fraction_flagged", 0.0)
-    print(f"{res.message}; {100 * frac:.3f}% of patch tokens flagged; settings: {out}", file=sys.stderr)
+    print(f"{res.message}; {100 * frac:.3f}% of patch tokens flagged; settings: {out_tx.dest}", file=sys.stderr)
     return 0
+
+
+def _calibration_lengths(args, embedder, ds, pre, cfg) -> tuple[np.ndarray, dict]:
+    """Every calibration image's patch lengths; the bar counts the images whose lengths are collected."""
+    from ..calibrate import check_lengths, collect_patch_lengths
+    from ..data import iter_batches
+
+    batches = (x for x, _ in iter_batches(ds, pre, args.batch_size, progress=False, workers=args.workers))
+    lengths, info = collect_patch_lengths(embedder, batches, cfg, progress=not args.no_progress, total=len(ds),
+                                          desc="calibration")
+    check_lengths(lengths, dataset_title(ds.describe()))
+    return lengths, info
+
+
+def _fit_and_plot(args, lengths: np.ndarray, ds, cfg, plot_tx: OutputTransaction):
+    """The valley (calibrate.find_valley_threshold) and the committed histogram PNG (drawn even without
+    a valley: it shows why)."""
+    from ..calibrate import find_valley_threshold
+    from ..viz import plot_norm_histogram
+
+    _status(args, f"fitting the valley of {plural(lengths.size, 'length')} from {plural(len(ds), 'image')}...")
+    res = find_valley_threshold(lengths, bins=args.bins, smooth=args.smooth, min_prominence=args.min_prominence)
+    _status(args, "drawing the histogram...")
+    title = (f"{args.model}: {cfg.norm_source} lengths of patch tokens ({cfg.norm_scope} scope), last block\n"
+             f"{dataset_title(ds.describe())}, {plural(lengths.size, 'length')}")
+    plot_norm_histogram(lengths, plot_tx.dest, threshold=res.threshold, title=title,
+                        note=None if res.found else "no valley found", tx=plot_tx)
+    plot_tx.commit()
+    print(f"histogram: {plot_tx.dest}", file=sys.stderr)
+    return res
 
 
 def calibrate_main(argv: list[str] | None = None) -> int:
