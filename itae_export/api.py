@@ -39,7 +39,8 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
            opset: int | None = None, validate: bool = True, validate_batch: int = 4, force: bool = False,
            fast_path: str = "none", int8_weights: str = "per-channel", fast_path_eval_images: int = 200,
            graph_options: GraphOptions | None = None, engine: Any = None, triton: Any = None,
-           depth: int | None = None, settings: str | Path | None = None) -> ExportResult:
+           depth: int | None = None, settings: str | Path | None = None,
+           demo_artifacts: bool = False) -> ExportResult:
     """Export `model` (a catalogue name, e.g. "dinov2_vitl14") to `out` (.onnx, or .engine/.plan)
     with ITAE in its final attention block (`itae=None`: the baseline), validated against PyTorch.
 
@@ -57,11 +58,12 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
             raise SettingsError(str(e)) from e
     req = ExportRequest(
         model=model, out=Path(out), weights=Path(weights) if weights is not None else None,
-        random_weights=random_weights, seed=seed, img_size=img_size,
+        random_weights=random_weights or demo_artifacts, seed=seed, img_size=img_size,
         itae=ITAEConfig() if itae is _DEFAULT else itae, exporter=exporter, opset=opset, validate=validate,
         validate_batch=validate_batch, force=force, fast_path=fast_path, int8_weights=int8_weights,
         fast_path_eval_images=fast_path_eval_images, graph_options=graph_options or GraphOptions(),
-        engine=engine, triton=triton, depth=depth, settings=Path(settings) if settings is not None else None)
+        engine=engine, triton=triton, depth=depth, settings=Path(settings) if settings is not None else None,
+        demo_artifacts=demo_artifacts)
     require_torch()
     return run_export(req)
 

@@ -75,6 +75,7 @@ class ExportRequest:
     triton: Any = None  # TritonOptions, or None for no deployment
     depth: int | None = None  # reduced-depth random models (tests)
     settings: Path | None = None  # the settings file `itae` came from: an input, never overwritten
+    demo_artifacts: bool = False  # the synthetic demo model (itae_export.demo): random weights + planted artifacts
 
     def __post_init__(self) -> None:
         from .catalogue import CATALOGUE
@@ -93,6 +94,9 @@ class ExportRequest:
         object.__setattr__(self, "opset", check_exporter_opset(self.exporter, self.opset))
         if self.depth is not None:
             check_int(self.depth, "--depth", lo=1, hi=spec.depth)
+        if self.demo_artifacts and self.weights is not None:
+            raise UsageError("--demo-artifacts builds the synthetic demo model from seeded random weights; drop "
+                             "--weights (or drop --demo-artifacts to export the real weights)")
         if self.weights is not None and self.random_weights:
             raise UsageError("--weights and --random-weights exclude each other; drop one")
         if self.itae is not None and not isinstance(self.itae, ITAEConfig):
@@ -151,6 +155,8 @@ class ExportRequest:
 
     @property
     def weights_label(self) -> str:
+        if self.demo_artifacts:
+            return f"demo-artifacts(seed={self.seed})"
         return f"random(seed={self.seed})" if self.random_weights else (self.weights.name if self.weights else "cache")
 
 
@@ -169,6 +175,11 @@ class Reference:
 def build_torch_model(req: ExportRequest):
     from .models import build_model
 
+    if req.demo_artifacts:
+        from .demo import LABEL, demo_model
+
+        log.info(f"[1/4] building {req.model} at {req.img_size}px: {LABEL}")
+        return demo_model(req.model, img_size=req.img_size, seed=req.seed, depth=req.depth)
     src = "with seeded random weights" if req.random_weights else f"from {req.weights or 'the weight caches'}"
     log.info(f"[1/4] building {req.model} at {req.img_size}px {src}")
     return build_model(req.model, weights=req.weights, random_weights=req.random_weights, seed=req.seed,
@@ -262,14 +273,7 @@ def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
         return None, None
     t0 = time.perf_counter()
     parity = compare(ref.outputs, OrtRunner(onnx_path).run(ref.inputs))
-    flagged = None
-    text = ""
-    if ref.flag_stats is not None:
-        flags = ref.flag_stats["flagged"]
-        npre = ref.flag_stats["num_prefix_tokens"]
-        flagged = int(flags.sum())
-        total = flags[..., npre:].size
-        text = f"; {flagged} of {total} patch-token norm{'s' if total != 1 else ''} flagged"
+    flagged, text = _flag_summary(ref.flag_stats)
     what = "ITAE reference" if req.itae is not None else "model"
     log.info(f"[4/4] ONNX Runtime vs PyTorch {what} on {req.validate_batch} random images: {parity}{text} "
              f"({time.perf_counter() - t0:.1f} s)")
@@ -278,6 +282,26 @@ def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
         raise ParityError(f"parity check failed ({parity}); nothing was written; re-run with --exporter {other} "
                           "or report a bug")
     return parity, flagged
+
+
+def _flag_summary(stats: dict | None) -> tuple[dict | None, str]:
+    """How many patch tokens ITAE flagged on the validation images, and the CLS attention (mean over
+    heads and images) they received before and after it."""
+    if stats is None:
+        return None, ""
+    flags = stats["flagged"].astype(bool)
+    if flags.ndim == 3:  # per-head scope: a token counts as flagged when any head flags it
+        flags = flags.any(axis=1)
+    total = flags[..., stats["num_prefix_tokens"]:].size
+    n = int(flags.sum())
+    before = float((stats["cls_attn_before"].mean(axis=1) * flags).sum(-1).mean())
+    after = float((stats["cls_attn_after"].mean(axis=1) * flags).sum(-1).mean())
+    text = f"; {n} of {total} patch token{'s' if total != 1 else ''} flagged"
+    if n:
+        text += f", CLS attention on them {before:.1%} -> {after:.1%}"
+    else:
+        text += " (random weights have no artifact tokens: try --demo-artifacts, or real --weights)"
+    return {"tokens": n, "of": total, "cls_attention_before": before, "cls_attention_after": after}, text
 
 
 def apply_deploy_options(onnx_path: Path, ref: Reference, req: ExportRequest) -> Reference:

@@ -23,7 +23,7 @@ class RunInfo:
     itae: dict | None
     exporter: str
     parity: dict = field(default_factory=dict)
-    flagged: int | None = None
+    flagged: dict | None = None  # tokens flagged on the validation images and the CLS attention they got
     pass_result: Any = None  # graph_passes.itae.PassResult
     fast_path: dict | None = None
     reference_inputs: np.ndarray | None = field(default=None, repr=False)

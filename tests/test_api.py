@@ -207,3 +207,18 @@ def test_docs_do_not_point_outside_the_repository():
              *sorted((ROOT / "tools").glob("*"))]
     for path in files:
         assert "../shared" not in path.read_text(), path
+
+
+def test_readme_first_command_shows_itae_acting(tmp_path):
+    """The README's first command (after its pip install), as a user runs it on a fresh machine."""
+    first = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines() if "&& itae-export" in ln)
+    argv = first.split("&&", 1)[1].split()
+    assert argv[0] == "itae-export" and "--demo-artifacts" in argv
+    r = subprocess.run([sys.executable, "-m", "itae_export.cli", *argv[1:]], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "patch tokens flagged" in ln)
+    flagged = int(line.split("; ", 1)[1].split(" of ")[0])
+    before, after = (float(v.rstrip("%")) for v in line.split("CLS attention on them ")[1].split()[0:3:2])
+    assert flagged > 0 and before > 10 * after and "cosine min 1.0000000" in line
+    assert "synthetic demo model" in r.stdout and (tmp_path / "build" / "model.onnx").is_file()

@@ -29,7 +29,10 @@ def export_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and output")
     g.add_argument("--out", required=True, help="output .onnx, or .engine/.plan to build a TensorRT engine")
     g.add_argument("--weights", help="local weights: official .pth, timm .safetensors, or a Hugging Face transformers folder (config.json + model.safetensors) (default: search the torch hub and Hugging Face caches)")
-    g.add_argument("--random-weights", action="store_true", help="seeded random weights (smoke tests, demos)")
+    g.add_argument("--random-weights", action="store_true", help="seeded random weights (smoke tests)")
+    g.add_argument("--demo-artifacts", action="store_true",
+                   help="the synthetic demo model: seeded random weights edited so that a few background tokens "
+                   "become high-norm artifacts that ITAE flags (see docs/method.md); implies --random-weights")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-weights and the validation inputs")
     g.add_argument("--img-size", type=int, default=224, help="input size in pixels, a multiple of 14")
     g.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -69,14 +72,14 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
                          f"drop them or use --out {Path(args.out).with_suffix('.engine').name}")
     return ExportRequest(
         model=args.model, out=Path(args.out), weights=Path(args.weights) if args.weights else None,
-        random_weights=args.random_weights, seed=args.seed, img_size=args.img_size,
+        random_weights=args.random_weights or args.demo_artifacts, seed=args.seed, img_size=args.img_size,
         itae=None if args.no_itae else itae_config_from_args(args), exporter=args.exporter, opset=args.opset,
         validate=not args.skip_validation, validate_batch=args.validate_batch, force=args.force,
         fast_path=args.fast_path, int8_weights=args.int8_weights or "per-channel",
         fast_path_eval_images=args.fast_path_eval_images, graph_options=graph_options_from_args(args),
         engine=engine_options_from_args(args) if is_engine else None,
         triton=triton_options_from_args(args), depth=args.depth,
-        settings=Path(args.settings) if args.settings else None,
+        settings=Path(args.settings) if args.settings else None, demo_artifacts=args.demo_artifacts,
     )
 
 
