@@ -51,15 +51,17 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def add_itae_args(p: argparse.ArgumentParser, *, attenuation: bool = True) -> None:
+def add_itae_args(p: argparse.ArgumentParser, *, attenuation: bool = True, thresholds: bool = True) -> None:
+    """The ITAE flags; itae-calibrate leaves out the thresholds (it computes one) and the attenuation."""
     g = p.add_argument_group(f"ITAE settings (the method and its defaults: {METHOD_DOC})")
     g.add_argument("--settings", metavar="FILE", help="JSON settings file (e.g. from itae-calibrate); flags override it")
     g.add_argument("--norm-source", choices=NORM_SOURCES, help="tensor whose token lengths flag artifacts (default v)")
     g.add_argument("--norm-scope", choices=NORM_SCOPES, help="length over all heads (token) or per head (default token)")
     g.add_argument("--direction", choices=DIRECTIONS, help="artifacts are longer (high) or shorter (low) (default high)")
-    g.add_argument("--threshold", type=float, metavar="LEN", help="absolute length threshold (calibrated)")
-    g.add_argument("--relative-threshold", type=float, metavar="GAMMA",
-                   help="flag lengths beyond GAMMA x the image's mean patch length (default 2.0 high / 0.5 low)")
+    if thresholds:
+        g.add_argument("--threshold", type=float, metavar="LEN", help="absolute length threshold (calibrated)")
+        g.add_argument("--relative-threshold", type=float, metavar="GAMMA",
+                       help="flag lengths beyond GAMMA x the image's mean patch length (default 2.0 high / 0.5 low)")
     g.add_argument("--relative-stat", choices=RELATIVE_STATS, help="statistic for --relative-threshold (default mean)")
     if attenuation:
         g.add_argument("--attenuation", choices=ATTENUATIONS, help="how flagged tokens are attenuated (default min-logit)")
