@@ -13,7 +13,8 @@ several times longer than normal ones and a log axis gives both modes similar wi
      than two remain there is NO VALLEY (unimodal data: typically a small model without artifacts) and
      no threshold is returned.
   6. Otherwise take the two most prominent peaks; the threshold is exp(centre of the lowest smoothed
-     bin between them).
+     bin between them); where that lowest value is a flat stretch (an empty gap between two
+     well-separated modes), the middle bin of the stretch.
 Otsu's threshold on the log-lengths is reported beside it for comparison, never used.
 """
 
@@ -154,6 +155,11 @@ def find_valley_threshold(
         )
     a, b = sorted((kept[0][0], kept[1][0]))
     v = a + int(np.argmin(s[a : b + 1]))
+    # A flat bottom (an empty stretch between well-separated modes): its middle, not its first bin.
+    w = v
+    while w + 1 <= b and abs(s[w + 1] - s[v]) <= 1e-12:
+        w += 1
+    v = (v + w) // 2
     thr = float(np.exp(centres[v]))
     lo, hi = peaks[0]["length"], peaks[1]["length"]
     return ValleyResult(
@@ -190,7 +196,7 @@ def collect_patch_lengths(
     over every image of `batches` (float32 [B,3,S,S], preprocessed; itae_export.reference.last_block_stats).
     Token scope gives one length per token, head scope one per (head, token); all go into one sample.
     progress: a tqdm bar (of `total` images) that counts the images whose lengths are collected.
-    Returns (lengths, info)."""
+    Returns (lengths, info); info["flags"] is what cfg flags on those images (flag_summary)."""
     import torch
     from tqdm import tqdm
 
@@ -199,6 +205,7 @@ def collect_patch_lengths(
     chunks = []
     npt = grid = None
     n = 0
+    flags = _FlagTotals()
     t0 = time.perf_counter()
     with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for x in batches:
@@ -206,6 +213,7 @@ def collect_patch_lengths(
             npt = int(st["num_prefix_tokens"])
             grid = [int(g) for g in st["grid"]]
             chunks.append(np.asarray(st["norms"])[..., npt:].reshape(-1))
+            flags.add(st, npt)
             n += len(x)
             bar.update(len(x))
     lengths = np.concatenate(chunks) if chunks else np.zeros(0)
@@ -214,7 +222,40 @@ def collect_patch_lengths(
         "num_prefix_tokens": npt,
         "grid": grid,
         "seconds": time.perf_counter() - t0,
+        "flags": flags.summary(),
     }
+
+
+class _FlagTotals:
+    """Running totals of what ITAE flags in the final block (reference.last_block_stats batches)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.per_position: np.ndarray | None = None  # images in which each patch position is flagged
+        self.mass_before = self.mass_after = 0.0
+
+    def add(self, st: dict, npt: int) -> None:
+        flagged = np.asarray(st["flagged"], dtype=bool)
+        f = flagged if flagged.ndim == 3 else flagged[:, None, :]  # [B, 1|H, T]
+        tokens = f.any(axis=1)[:, npt:]  # a patch token flagged in any head counts once
+        counts = tokens.sum(axis=0)
+        self.per_position = counts if self.per_position is None else self.per_position + counts
+        # CLS attention mass on the flagged tokens: summed over them, averaged over the heads
+        self.mass_before += float((np.asarray(st["cls_attn_before"]) * f).sum(-1).mean(1).sum())
+        self.mass_after += float((np.asarray(st["cls_attn_after"]) * f).sum(-1).mean(1).sum())
+        self.images += len(flagged)
+
+    def summary(self) -> dict:
+        n = self.images
+        total = int(self.per_position.sum()) if self.per_position is not None else 0
+        return {
+            "images": n,
+            "flagged_tokens": total,
+            "flagged_per_image": total / n if n else None,
+            "flagged_per_position": [] if self.per_position is None else [int(c) for c in self.per_position],
+            "cls_attention_on_flagged_before": self.mass_before / n if n else None,
+            "cls_attention_on_flagged_after": self.mass_after / n if n else None,
+        }
 
 
 def calibrated_config(cfg, threshold: float):

@@ -36,7 +36,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--random-weights", action="store_true", help="random weights (smoke tests; numbers mean nothing)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (0)")
+    p.add_argument(
+        "--demo-artifacts",
+        action="store_true",
+        help="synthetic demo model: seeded random weights with planted high-norm artifact tokens (the image "
+        "corners) that draw the CLS attention in the final block, so ITAE visibly acts (docs/evaluation.md); "
+        "implies random weights",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights / --demo-artifacts (0)")
     p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)  # tests: a shallow random model
     p.add_argument("--img-size", type=int, default=224, help="input size, multiple of 14")
 
@@ -94,11 +101,56 @@ def _load_data(args):
     return ds, pre, time.perf_counter() - t0
 
 
+def _check_demo_args(args) -> None:
+    """--demo-artifacts builds its own seeded random weights: refused with --weights (before any output)."""
+    if getattr(args, "demo_artifacts", False) and args.weights:
+        raise UsageError(
+            f"--demo-artifacts builds a synthetic model from seeded random weights, so it cannot use --weights "
+            f"{args.weights}; drop one of the two"
+        )
+
+
+def _model_words(args) -> str:
+    """The model's name in titles: the synthetic demo model says so."""
+    return f"{args.model} (synthetic demo, planted artifacts)" if getattr(args, "demo_artifacts", False) else args.model
+
+
+def _params_sha256(model) -> str:
+    """Digest of every parameter and buffer (the demo weights are computed, not read from a file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _build_demo(args, *, artifacts: bool):
+    """The demo embedder (demo.demo_model) and its identity: the random seed, plus a "demo" entry (clean
+    or with artifacts, planted positions, digest of the edited weights) that keeps its cache entries
+    apart from the clean twin's and from the plain random model's."""
+    from ..demo import demo_model
+    from ..embed import model_identity
+
+    embedder = demo_model(args.model, img_size=args.img_size, seed=args.seed, depth=args.depth, artifacts=artifacts)
+    ident = model_identity(args.model, weights=None, random_weights=True, seed=args.seed, img_size=args.img_size,
+                           depth=args.depth)
+    ident["demo"] = {"artifacts": artifacts, "positions": [int(i) for i in embedder.demo_positions],
+                     "params_sha256": _params_sha256(embedder)}
+    return embedder, ident
+
+
 def _build(args):
     from ..embed import model_identity
     from ..models import build_model, find_weights, get_spec
 
     t0 = time.perf_counter()
+    if getattr(args, "demo_artifacts", False):
+        _status(args, f"building {args.model} (synthetic demo: random weights, seed {args.seed}, planted artifact "
+                      f"tokens, {args.img_size} px)...")
+        embedder, ident = _build_demo(args, artifacts=True)
+        return embedder, ident, time.perf_counter() - t0
     weights = "random weights" if args.random_weights else f"weights {args.weights or 'from the caches'}"
     _status(args, f"building {args.model} ({weights}, {args.img_size} px)...")
     embedder = build_model(
@@ -278,6 +330,7 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
     report_dir = Path(args.report_dir)
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
     hist_path = report_dir / "norm_histogram.png"
+    _check_demo_args(args)
     inputs = _input_files(args, "settings", "weights", "onnx", "onnx_baseline", "engine")
     with contextlib.ExitStack() as stack:
         # Validated and claimed before any heavy work: an existing report (without --force), a report
@@ -333,18 +386,97 @@ def _eval(args, argv, stack: contextlib.ExitStack, report_tx: OutputTransaction,
     attention_tx = _claim_attention_figures(args, ds, stack, inputs)
     embedder, model_ident, t_model = _build(args)
     backends, compare_to = _make_backends(args, embedder, cfg, engine_facts)
-    runs = _embed_and_cluster(args, backends, ds, pre, model_ident, km_settings)
-    figures, histogram = (
+    clean = None
+    if args.demo_artifacts:  # the clean twin (no planted tokens) runs first: the reference the demo is read against
+        t0 = time.perf_counter()
+        _status(args, f"building the clean twin of the demo model (no planted tokens, {args.img_size} px)...")
+        clean_embedder, clean_ident = _build_demo(args, artifacts=False)
+        t_model += time.perf_counter() - t0
+        clean = _clean_backend(clean_embedder)
+        backends.insert(0, clean)
+    runs = _embed_and_cluster(args, backends, ds, pre, model_ident, km_settings,
+                              idents={clean.name: clean_ident} if clean else None)
+    figures, histogram, flags = (
         _eval_figures(args, embedder, ds, pre, cfg, report_dir, report_tx, attention_tx)
-        if args.viz > 0 else ([], None)
+        if args.viz > 0 else ([], None, None)
     )  # fmt: skip
+    demo = None
+    if args.demo_artifacts:
+        if flags is None:
+            flags = _flag_stats(args, embedder, ds, pre, cfg)
+        demo = _demo_summary(runs, flags, embedder.demo_positions, clean_ident)
+        print("\n".join(demo["summary"]), flush=True)
     report = _eval_report(
         args, argv, model_ident=model_ident, ds=ds, pre=pre, km_settings=km_settings, cfg=cfg, runs=runs,
         compare_to=compare_to, figures=figures, histogram=histogram,
         timings={"load_data_s": t_data, "build_model_s": t_model, "total_s": time.perf_counter() - t_start},
+        demo=demo,
     )  # fmt: skip
     _write_report(report, report_dir, report_tx, attention_tx)
     return 0
+
+
+CLEAN_RUN = "torch-clean"
+DEMO_ROWS = (  # (key, run, description) of the three demo rows
+    ("clean", CLEAN_RUN, "clean demo model (no artifacts), baseline"),
+    ("artifacts", "torch-baseline", "with artifacts, baseline"),
+    ("artifacts_itae", "torch-itae", "with artifacts + ITAE"),
+)
+
+
+def _clean_backend(clean_embedder):
+    """The PyTorch baseline of the demo model's clean twin."""
+    from ..embed import torch_baseline_backend
+
+    be = torch_baseline_backend(clean_embedder)
+    be.name = CLEAN_RUN
+    be.identity = {**be.identity, "module": "embedder (clean demo twin)"}
+    return be
+
+
+def _flag_stats(args, embedder, ds, pre, cfg) -> dict:
+    """What ITAE flags on every evaluated image, and the CLS attention on it (when no histogram pass ran)."""
+    from ..calibrate import collect_patch_lengths
+    from ..data import iter_batches
+
+    batches = (b for b, _ in iter_batches(ds, pre, args.batch_size, progress=False, workers=args.workers))
+    _, info = collect_patch_lengths(embedder, batches, cfg, progress=not args.no_progress, total=len(ds),
+                                    desc="flagged tokens")
+    return info["flags"]
+
+
+def _demo_summary(runs: _Runs, flags: dict, positions: list[int], clean_ident: dict) -> dict:
+    """report["demo"]: the three rows (clean, artifacts, artifacts + ITAE), what ITAE flagged and the CLS
+    attention mass on it before/after, and the summary lines printed on stdout and in report.md."""
+    from ..demo import LABEL
+
+    rows = {key: {"run": run, "description": desc,
+                  **{m: runs.records[run]["metrics"][m] for m in ("acc", "nmi", "ari")}}
+            for key, run, desc in DEMO_ROWS}
+    loss = {m: rows["artifacts"][m] - rows["clean"][m] for m in ("acc", "nmi", "ari")}
+    gain = {m: rows["artifacts_itae"][m] - rows["artifacts"][m] for m in ("acc", "nmi", "ari")}
+    recovered = gain["acc"] / -loss["acc"] if loss["acc"] < 0 else None
+    per_pos = flags.get("flagged_per_position") or []
+    at_planted = int(sum(per_pos[i] for i in positions if i < len(per_pos)))
+    flags = {**flags, "planted_positions": [int(i) for i in positions], "flagged_at_planted": at_planted,
+             "planted_tokens": len(positions) * flags["images"]}
+    lines = [LABEL]
+    lines += [f"  {r['description']:44s} ACC {_pct(r['acc'])}  NMI {_pct(r['nmi'])}  ARI {_pct(r['ari'])}"
+              for r in rows.values()]
+    rec = f" ({100 * recovered:.0f}% of the loss won back)" if recovered is not None else ""
+    lines.append(f"  artifacts - clean: ACC {100 * loss['acc']:+.2f} points; ITAE - artifacts: ACC "
+                 f"{100 * gain['acc']:+.2f} points{rec}")
+    n = flags["images"]
+    per = flags["flagged_per_image"]
+    lines.append(f"  flagged tokens: {per:.2f} per image on average, {flags['flagged_tokens']} in all "
+                 f"({plural(n, 'image')}); {at_planted} of them at the {plural(len(positions), 'planted position')}"
+                 if per is not None else "  flagged tokens: none (no image)")
+    before, after = flags["cls_attention_on_flagged_before"], flags["cls_attention_on_flagged_after"]
+    if before is not None:
+        lines.append(f"  CLS attention on the flagged tokens (final block, mean over heads and images): "
+                     f"{before:.3f} before ITAE, {after:.3f} after")
+    return {"label": LABEL, "rows": rows, "artifacts_minus_clean": loss, "itae_minus_artifacts": gain,
+            "acc_loss_recovered": recovered, "flags": flags, "clean_model": clean_ident, "summary": lines}
 
 
 def _check_models(args, cfg) -> dict | None:
@@ -392,15 +524,18 @@ def _make_backends(args, embedder, cfg, engine_facts: dict | None) -> tuple[list
     return backends, compare_to
 
 
-def _embed_and_cluster(args, backends: list, ds, pre, model_ident: dict, km_settings) -> _Runs:
-    """Embeddings (cached or computed, a progress bar of the images embedded) and k-means per backend."""
+def _embed_and_cluster(args, backends: list, ds, pre, model_ident: dict, km_settings,
+                       idents: dict[str, dict] | None = None) -> _Runs:
+    """Embeddings (cached or computed, a progress bar of the images embedded) and k-means per backend.
+    idents: the model identity of the backends that run another model (the demo's clean twin)."""
     from ..cluster import clustering_metrics, kmeans
     from ..embed import EmbeddingCache, get_embeddings
 
     cache = EmbeddingCache(None if args.no_cache else (args.cache_dir or Path(args.report_dir) / "embeddings"))
     runs = _Runs()
     for be in backends:
-        emb, info = get_embeddings(be, ds, pre, model_ident, cache, batch_size=args.batch_size,
+        ident = (idents or {}).get(be.name, model_ident)
+        emb, info = get_embeddings(be, ds, pre, ident, cache, batch_size=args.batch_size,
                                    progress=not args.no_progress, workers=args.workers)
         k = km_settings.n_clusters or ds.num_classes
         _status(args, f"{be.name}: k-means (k = {k}, n_init {km_settings.n_init}) on "
@@ -415,6 +550,7 @@ def _embed_and_cluster(args, backends: list, ds, pre, model_ident: dict, km_sett
             "embedding": {"dim": int(emb.shape[1]), **info},
             "kmeans": km_info,
             "identity": be.identity,
+            **({"model": ident} if ident is not model_ident else {}),
         }
         took = "cached" if info["cached"] else f"{info['seconds']:.1f} s"
         print(
@@ -426,7 +562,7 @@ def _embed_and_cluster(args, backends: list, ds, pre, model_ident: dict, km_sett
 
 def _eval_report(args, argv, *, model_ident: dict, ds, pre, km_settings, cfg, runs: _Runs,
                  compare_to: dict[str, str], figures: list[Path], histogram: dict | None,
-                 timings: dict[str, float]) -> dict:
+                 timings: dict[str, float], demo: dict | None = None) -> dict:
     """report.json's content (report.md is rendered from it)."""
     from ..cluster import backend_agreement
 
@@ -437,8 +573,13 @@ def _eval_report(args, argv, *, model_ident: dict, ds, pre, km_settings, cfg, ru
     }
     delta = {m: rec["torch-itae"]["metrics"][m] - rec["torch-baseline"]["metrics"][m] for m in ("acc", "nmi", "ari")}
     report_dir = Path(args.report_dir)
+    title = f"itae-eval: {model_ident['name']} on {dataset_title(ds.describe())}"
+    if demo is not None:
+        title += f" - {demo['label']}"
     return {
         "tool": "itae-eval",
+        "title": title,
+        **({"demo": demo} if demo is not None else {}),
         "argv": argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model_ident,
@@ -481,9 +622,10 @@ def _figure_names(args, ds) -> list[str]:
 
 
 def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path, report_tx: OutputTransaction,
-                  attention_tx: OutputTransaction | None) -> tuple[list[Path], dict]:
+                  attention_tx: OutputTransaction | None) -> tuple[list[Path], dict, dict]:
     """Attention before/after ITAE for the first --viz images, and the patch-length histogram of every
-    evaluated image, staged in the report's transactions. Returns (paths, the histogram's record)."""
+    evaluated image, staged in the report's transactions. Returns (paths, the histogram's record, what
+    ITAE flags on those images: calibrate.collect_patch_lengths' info["flags"])."""
     import torch
 
     from ..calibrate import collect_patch_lengths
@@ -502,11 +644,11 @@ def _eval_figures(args, embedder, ds, pre, cfg, report_dir: Path, report_tx: Out
                                           desc="norm histogram")
     histogram = {"file": "norm_histogram.png", "images": info["num_images"], "lengths": int(lengths.size),
                  "norm_source": cfg.norm_source, "norm_scope": cfg.norm_scope}
-    title = (f"{args.model}: {cfg.norm_source} lengths of patch tokens ({cfg.norm_scope} scope), last block\n"
-             f"{dataset_title(ds.describe())}, {plural(lengths.size, 'length')}")
+    title = (f"{_model_words(args)}: {cfg.norm_source} lengths of patch tokens ({cfg.norm_scope} scope), "
+             f"last block\n{dataset_title(ds.describe())}, {plural(lengths.size, 'length')}")
     paths.append(plot_norm_histogram(lengths, report_dir / "norm_histogram.png", threshold=cfg.threshold,
                                      title=title, tx=report_tx))
-    return paths, histogram
+    return paths, histogram, info["flags"]
 
 
 def dataset_title(d: dict) -> str:
@@ -521,7 +663,12 @@ def dataset_title(d: dict) -> str:
     return f"{d['dataset']} ({split}{count})"
 
 
-def _weights_words(w: dict | None) -> str:
+def _weights_words(w: dict | None, demo: dict | None = None) -> str:
+    if demo is not None:
+        return (f"synthetic demo: random (seed {w['seed']}), edited: "
+                + (f"{plural(len(demo['positions']), 'planted artifact position')} {demo['positions']}"
+                   if demo["artifacts"] else "no planted artifacts (the clean twin)")
+                + f", parameters sha256 {demo['params_sha256'][:12]}...")
     if not w:
         return "n/a"
     if w.get("random"):
@@ -532,15 +679,31 @@ def _weights_words(w: dict | None) -> str:
     return f"{w['path']} (sha256 {w['sha256'][:12]}...)"
 
 
+def _demo_markdown(demo: dict) -> list[str]:
+    """The synthetic demo's summary section of report.md."""
+    lines = ["## Summary: synthetic demo model", "", f"**{demo['label']}.** The numbers show how ITAE acts on "
+             "planted artifacts; they say nothing about trained DINOv2 weights.", "",
+             "| model | ACC % | NMI % | ARI % |", "|---|---:|---:|---:|"]
+    lines += [f"| {row['description']} (`{row['run']}`) | {_pct(row['acc'])} | {_pct(row['nmi'])} | "
+              f"{_pct(row['ari'])} |" for row in demo["rows"].values()]
+    lines += [""] + [f"- {line.strip()}" for line in demo["summary"][len(demo["rows"]) + 1:]] + [""]
+    return lines
+
+
 def render_eval_markdown(r: dict) -> str:
     m, d, pre, km = r["model"], r["dataset"], r["preprocessing"], r["kmeans"]
-    weights = _weights_words(m["weights"])
+    weights = _weights_words(m["weights"], m.get("demo"))
+    title = r.get("title") or f"itae-eval: {m['name']} on {dataset_title(d)}"
     lines = [
-        f"# itae-eval: {m['name']} on {dataset_title(d)}",
+        f"# {title}",
         "",
         f"Command: `itae-eval {' '.join(r['argv'])}`  ",
         f"Created: {r['created']}",
         "",
+    ]
+    if r.get("demo"):
+        lines += _demo_markdown(r["demo"])
+    lines += [
         "## Clustering (k-means on the final-norm CLS embedding)",
         "",
         "| run | backend | ACC % | NMI % | ARI % | embed s (wall) | backend s | img/s (backend) | cached |",
@@ -662,6 +825,7 @@ def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     if os.path.abspath(plot) == os.path.abspath(out):
         raise UsageError(f"--plot {plot} is the --out file; give the histogram another name (--plot FILE.png)")
+    _check_demo_args(args)
     inputs = _input_files(args, "settings", "weights")
     with contextlib.ExitStack() as stack:
         # Both outputs are validated and claimed before any image is read.
@@ -727,8 +891,8 @@ def _fit_and_plot(args, lengths: np.ndarray, ds, cfg, plot_tx: OutputTransaction
     _status(args, f"fitting the valley of {plural(lengths.size, 'length')} from {plural(len(ds), 'image')}...")
     res = find_valley_threshold(lengths, bins=args.bins, smooth=args.smooth, min_prominence=args.min_prominence)
     _status(args, "drawing the histogram...")
-    title = (f"{args.model}: {cfg.norm_source} lengths of patch tokens ({cfg.norm_scope} scope), last block\n"
-             f"{dataset_title(ds.describe())}, {plural(lengths.size, 'length')}")
+    title = (f"{_model_words(args)}: {cfg.norm_source} lengths of patch tokens ({cfg.norm_scope} scope), "
+             f"last block\n{dataset_title(ds.describe())}, {plural(lengths.size, 'length')}")
     plot_norm_histogram(lengths, plot_tx.dest, threshold=res.threshold, title=title,
                         note=None if res.found else "no valley found", tx=plot_tx)
     plot_tx.commit()
