@@ -325,8 +325,6 @@ def hostile_models(tmp_path: Path):
 CASES = ["dotdot", "absolute", "symlink", "symlinked-folder"]
 
 
-@pytest.mark.xfail(strict=False, reason="itae_export.cli is being rewritten; its run_command calls the None that "
-                   "outputs.install_signal_handlers returns (passes with the committed cli.py)")
 @pytest.mark.parametrize("cli", ["patch", "inspect"])
 @pytest.mark.parametrize("case", CASES)
 def test_cli_refuses_external_data_outside_the_folder(hostile_models, capsys, cli: str, case: str) -> None:

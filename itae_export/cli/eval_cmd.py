@@ -801,8 +801,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
         help="a mode counts if its prominence is >= this x the tallest peak",
     )
     c.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    add_itae_args(p, attenuation=False)
-    _withdraw_options(p, "--threshold", "--relative-threshold")  # the threshold is what it computes
+    add_itae_args(p, attenuation=False, thresholds=False)  # the threshold is what it computes
     for a in p._actions:
         if a.dest == "relative_stat":
             a.help = ("statistic of the relative rule, kept in the settings file (for itae-export/itae-eval "
@@ -810,14 +809,6 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
         elif a.dest == "settings":
             a.help = "JSON settings file to start from (its threshold is replaced); flags override it"
     return p
-
-
-def _withdraw_options(p: argparse.ArgumentParser, *options: str) -> None:
-    """Remove options add_itae_args added that do not apply to this command (argparse's own removal
-    of conflicting options: the option strings and, with none left, the action and its help)."""
-    for o in options:
-        action = p._option_string_actions[o]
-        p._handle_conflict_resolve(action, [(o, action)])
 
 
 def calibrate_command(args: argparse.Namespace, argv: list[str]) -> int:
