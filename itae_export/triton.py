@@ -32,7 +32,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from .errors import DeployError, OutputBusyError, OutputExistsError, UsageError
+from .errors import DeployError, OutputBusyError, OutputError, OutputExistsError, UsageError
 from .graph_options import GraphOptions, apply_graph_options_proto
 from .hashing import sha256_file
 from .jsonable import jsonable
@@ -826,6 +826,17 @@ class TritonOptions:
             raise UsageError(f"--max-batch must be an integer >= 0 (0: no batching), got {mb!r}")
         if self.platform is not None and self.platform not in PLATFORMS:
             raise UsageError(f"--platform {self.platform!r}: choose one of {', '.join(PLATFORMS)}")
+        _check_writable(self.repo)
+
+
+def _check_writable(repo: Path) -> None:
+    """Refuse a repository folder that cannot be created or written, before any export work."""
+    here = repo
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir() or not os.access(here, os.W_OK | os.X_OK):
+        raise OutputError(f"--triton-repo {repo} cannot be written ({here} is not a writable folder); choose a "
+                          "writable --triton-repo")
 
 
 def default_instance_kind(meta: dict[str, Any] | None) -> str:

@@ -330,3 +330,15 @@ def test_the_engine_build_script_is_executable(tmp_path: Path, capsys) -> None:
     assert rc in (0, 3, 4), capsys.readouterr().err
     script = tmp_path / "build_engine.sh"
     assert script.is_file() and os.access(script, os.X_OK), oct(stat.S_IMODE(script.stat().st_mode))
+
+
+def test_unwritable_triton_repo_is_refused_before_the_export(tmp_path: Path, small_fs: Path, capsys) -> None:
+    """A --triton-repo on a read-only file system is refused up front: no ONNX is left behind that
+    would make the corrected rerun need --force."""
+    _make_readonly(small_fs)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    rc = export_main([*TINY, "--out", str(out_dir / "m.onnx"), "--triton-repo", str(small_fs / "repo")])
+    err = capsys.readouterr().err
+    assert rc == 5 and "--triton-repo" in _one_error_line(err, "itae-export")
+    assert list(out_dir.iterdir()) == []
