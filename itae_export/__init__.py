@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from graph_passes.config import ITAEConfig
 
-from .api import build_engine, deploy_triton, export, inspect, patch
+# the parity module itae_export/validate.py is loaded first: the package attribute `validate` is then the
+# function below, and later `from itae_export.validate import compare` still finds the module
+from . import validate as _parity  # noqa: F401  (isort: keep before .api)
+from .api import build_engine, deploy_triton, export, inspect, patch, validate
 from .errors import ItaeError
 from .graph_options import GraphOptions
 from .results import ExportResult, Inspection, PatchResult
@@ -20,4 +23,4 @@ from .results import ExportResult, Inspection, PatchResult
 __version__ = "0.2.0"
 
 __all__ = ["ExportResult", "GraphOptions", "ITAEConfig", "Inspection", "ItaeError", "PatchResult", "__version__",
-           "build_engine", "deploy_triton", "export", "inspect", "patch"]
+           "build_engine", "deploy_triton", "export", "inspect", "patch", "validate"]

@@ -13,6 +13,7 @@ from .errors import MissingDependencyError
 from .graph_options import GraphOptions
 from .patching import inspect, patch
 from .results import ExportResult
+from .validation import validate  # parity of any artifact against PyTorch (itae-validate)
 
 _DEFAULT = object()
 
@@ -91,4 +92,4 @@ def deploy_triton(model_path: str | Path, triton: Any, *, graph_options: GraphOp
 
 
 __all__ = ["ITAEConfig", "GraphOptions", "build_engine", "deploy_triton", "export", "inspect", "patch",
-           "require_torch"]
+           "require_torch", "validate"]
