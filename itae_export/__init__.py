@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from graph_passes.config import ITAEConfig
 
-# the parity module itae_export/validate.py is loaded first: the package attribute `validate` is then the
-# function below, and later `from itae_export.validate import compare` still finds the module
-from . import validate as _parity  # noqa: F401  (isort: keep before .api)
 from .api import build_engine, deploy_triton, export, inspect, patch, validate
 from .errors import ItaeError
 from .graph_options import GraphOptions

@@ -103,12 +103,12 @@ def kmeans(
 def backend_agreement(
     emb_ref: np.ndarray, emb_other: np.ndarray, assign_ref: np.ndarray, assign_other: np.ndarray
 ) -> dict:
-    """How closely a backend reproduces the reference: embedding parity (itae_export.validate.compare:
+    """How closely a backend reproduces the reference: embedding parity (itae_export.parity.compare:
     max/mean abs difference, min/mean cosine) and the ARI and exact-match rate of the two k-means runs'
     assignments (same seed and settings)."""
     from sklearn.metrics import adjusted_rand_score
 
-    from .validate import compare
+    from .parity import compare
 
     parity = compare(np.asarray(emb_ref), np.asarray(emb_other))
     return {

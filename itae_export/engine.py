@@ -72,9 +72,9 @@ from .errors import EngineError, ParityError, UsageError
 from .hashing import sha256_file
 from .jsonable import jsonable
 from .outputs import OutputTransaction
+from .parity import compare
 from .results import RunInfo
 from .runtime import run_batched
-from .validate import compare
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BUILDERS = ("auto", "python", "trtexec")

@@ -208,7 +208,7 @@ def centered_cosine(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
     Plain cosine hides error when every embedding shares a large common component (random-weight
     models: plain cosine 0.9999 between images of different digits); centring measures the error
     against what actually differs between images, which is what k-means sees."""
-    from .validate import cosine_rows
+    from .parity import cosine_rows
 
     mean = ref.mean(axis=0, keepdims=True)
     return cosine_rows(ref - mean, other - mean)
@@ -277,13 +277,13 @@ def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.nda
 
     reference: a function x -> embeddings (the PyTorch ITAE reference) or its precomputed outputs
     (on `inputs`, on the digits images). inputs: the validation images. digits: (images, labels).
-    Returns cosine statistics (itae_export.validate.compare) on both sets; on the digits also the
+    Returns cosine statistics (itae_export.parity.compare) on both sets; on the digits also the
     centred cosine, the error relative to the spread between images, the k-means ARI figures of
     kmeans_agreement, each one's ARI to the digit labels, and a verdict against the targets.
     """
     from .cluster import clustering_metrics
+    from .parity import compare
     from .runtime import OrtRunner, run_batched
-    from .validate import compare
 
     dx, labels = digits
     if callable(reference):

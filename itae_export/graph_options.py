@@ -178,6 +178,6 @@ def verify_graph_options(
     got = s_after.run(None, {i_after.name: x_after})[0].astype(np.float64)
     if L2_NORMALIZE_KEY in done:
         ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), done[L2_NORMALIZE_KEY]["eps"])
-    from .validate import cosine_rows
+    from .parity import cosine_rows
 
     return {"max_abs": float(np.max(np.abs(ref - got))), "cos_min": float(np.min(cosine_rows(ref, got)))}

@@ -119,9 +119,9 @@ def patch(src: str | Path, out: str | Path, *, itae: ITAEConfig | None = None, n
 
 
 def _check_patched(src: Path, out: Path, data_files: list[Path], check: str, seed: int, img: int | None) -> dict | None:
+    from .parity import compare
     from .pipeline import random_inputs
     from .runtime import OrtRunner
-    from .validate import compare
 
     size = src.stat().st_size + sum(f.stat().st_size for f in data_files)
     if check == "no" or (check == "auto" and size > CHECK_AUTO_MAX_BYTES):

@@ -265,8 +265,8 @@ def apply_pass(onnx_path: Path, req: ExportRequest, num_prefix: int):
 
 def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
     """ONNX Runtime vs the PyTorch reference; raises ParityError beyond tolerance."""
+    from .parity import compare
     from .runtime import OrtRunner
-    from .validate import compare
 
     if not req.validate:
         log.info("[4/4] validation skipped (--skip-validation)")

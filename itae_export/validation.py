@@ -11,7 +11,7 @@
 
 The result is a ValidationReport: true when every check passed, readable as text, convertible to a
 dict (JSON) and to JUnit XML. Nothing here writes a file; the CLI writes the reports it is asked for
-(itae_export.outputs.write_text_atomic). Tolerances: itae_export.validate.ONNX_TOLERANCES and
+(itae_export.outputs.write_text_atomic). Tolerances: itae_export.parity.ONNX_TOLERANCES and
 engine.PARITY_TOLERANCES; their reasons are in docs/validate.md.
 """
 
@@ -628,7 +628,7 @@ def _plan_reference(art: Artifact, model: str | None, img_size: int | None, weig
 
 
 def tolerance_of(art: Artifact) -> dict[str, float | None]:
-    from .validate import tolerance_for
+    from .parity import tolerance_for
 
     return tolerance_for(art.precision)
 
@@ -1025,7 +1025,7 @@ def run_validation(req: ValidateRequest) -> ValidationReport:
 
 def _plan_against(art: Artifact, other: Artifact, req: ValidateRequest, notes: list[str]) -> Plan:
     """Two artifacts of the same model, size and weights (refused otherwise unless force for weights)."""
-    from .validate import loosest
+    from .parity import loosest
 
     for a in (art, other):
         if a.img_size is None and req.img_size is None:
@@ -1053,7 +1053,7 @@ def _plan_against(art: Artifact, other: Artifact, req: ValidateRequest, notes: l
 
 def _compare_into(report: ValidationReport, ref: np.ndarray, got: np.ndarray, ref_flags, got_flags, plan: Plan,
                   inputs: Inputs, tol: dict, req: ValidateRequest, art: Artifact) -> None:
-    from .validate import compare
+    from .parity import compare
 
     try:
         parity = compare(ref, got)

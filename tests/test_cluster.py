@@ -80,7 +80,7 @@ def test_kmeans_settings_are_checked() -> None:
 
 
 def test_backend_agreement_of_near_identical_runs() -> None:
-    pytest.importorskip("itae_export.validate")
+    pytest.importorskip("itae_export.parity")
     from itae_export.cluster import backend_agreement
 
     rng = np.random.default_rng(1)

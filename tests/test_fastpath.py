@@ -157,7 +157,7 @@ def test_cli_fast_path_end_to_end_and_refusal(tmp_path, capsys):
 
 def test_centered_cosine_and_spread_see_what_plain_cosine_hides():
     from itae_export.fastpath import centered_cosine, error_to_spread
-    from itae_export.validate import compare
+    from itae_export.parity import compare
 
     rng = np.random.default_rng(0)
     common = 100.0 * rng.standard_normal(32)

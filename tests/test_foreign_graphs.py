@@ -18,8 +18,8 @@ from graph_passes.config import ITAEConfig
 from graph_passes.decompose import DecomposeError, decompose_final_attention
 from graph_passes.itae import apply_itae
 from graph_passes.match import MatchError, infer_num_prefix_tokens
+from itae_export.parity import compare
 from itae_export.reference import ITAEReference, flag_artifacts, last_block_stats, token_norms
-from itae_export.validate import compare
 
 IMG = 56
 

@@ -13,8 +13,8 @@ import torch
 
 from graph_passes.config import ITAEConfig
 from graph_passes.itae import apply_itae
+from itae_export.parity import compare
 from itae_export.reference import ITAEReference, last_block_stats
-from itae_export.validate import compare
 
 EXPORTERS = ("dynamo", "torchscript")
 VARIANTS = ("plain", "reg")

@@ -229,7 +229,7 @@ def test_float16_graph_norms_in_float32():
     assert casts and helper.get_attribute_value(casts[0].attribute[0]) == TensorProto.FLOAT
     got = _run(patched, x.astype(np.float16)).astype(np.float32)
     want = _numpy_itae(_attention_graph("split", "qk"), x, cfg)
-    from itae_export.validate import compare
+    from itae_export.parity import compare
 
     par = compare(want.reshape(-1, D), got.reshape(-1, D))
     assert par.cos_min >= 0.999 and par.max_abs < 0.05, par

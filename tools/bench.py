@@ -233,7 +233,7 @@ def ort_session(path: Path, threads: int):
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    from itae_export.validate import cosine_rows
+    from itae_export.parity import cosine_rows
 
     return float(cosine_rows(a, b).min())
 

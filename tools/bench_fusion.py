@@ -39,7 +39,7 @@ def _session(path: Path, threads: int):
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    from itae_export.validate import cosine_rows
+    from itae_export.parity import cosine_rows
 
     return float(cosine_rows(a, b).min())
 
