@@ -170,9 +170,10 @@ def classify_softmax(ix: GraphIndex, sm: onnx.NodeProto, rank: int | None) -> So
     return SoftmaxVerdict(sm, True)
 
 
-def tensor_ranks(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+def tensor_ranks(model: onnx.ModelProto, names: list[str], inferred: onnx.ModelProto | None = None) -> dict[str, int]:
     """Ranks of `names` from the graph's value_info, else from weight-free shape inference (best
-    effort: a name whose rank stays unknown is left out)."""
+    effort: a name whose rank stays unknown is left out). `inferred`: an inference already made for
+    this graph (infer_weight_free), reused instead of inferring again."""
     g = model.graph
     ranks: dict[str, int] = {}
     for v in list(g.value_info) + list(g.input) + list(g.output):
@@ -181,7 +182,7 @@ def tensor_ranks(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
             ranks[v.name] = len(tt.shape.dim)
     missing = [n for n in names if n not in ranks]
     if missing:
-        inferred = infer_weight_free(model)
+        inferred = inferred if inferred is not None else infer_weight_free(model)
         for v in list(inferred.graph.value_info) + list(inferred.graph.output):
             tt = v.type.tensor_type
             if v.name in missing and tt.HasField("shape"):
@@ -189,12 +190,13 @@ def tensor_ranks(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
     return ranks
 
 
-def attention_layout(model: onnx.ModelProto, ix: GraphIndex | None = None) -> AttentionLayout:
+def attention_layout(model: onnx.ModelProto, ix: GraphIndex | None = None, *,
+                     inferred: onnx.ModelProto | None = None) -> AttentionLayout:
     """Classify every Softmax and list the attention blocks of `model` in graph order."""
     ix = ix or GraphIndex(model)
     nodes = tuple(model.graph.node)
     softmaxes = [n for n in nodes if n.op_type == "Softmax"]
-    ranks = tensor_ranks(model, [sm.input[0] for sm in softmaxes]) if softmaxes else {}
+    ranks = tensor_ranks(model, [sm.input[0] for sm in softmaxes], inferred) if softmaxes else {}
     verdicts = [classify_softmax(ix, sm, ranks.get(sm.input[0])) for sm in softmaxes]
     attention = {v.node.output[0] for v in verdicts if v.attention}
     units = [n for n in nodes if (n.op_type == "Softmax" and n.output[0] in attention) or is_fused_attention(n)]

@@ -234,7 +234,8 @@ def find_itae_site(ix: GraphIndex, sm: onnx.NodeProto) -> ItaeSite | None:
     return _logit_site(ix, sm) or _prob_site(ix, sm)
 
 
-def already_patched(model: onnx.ModelProto, ix: GraphIndex | None = None) -> PatchInfo | None:
+def already_patched(model: onnx.ModelProto, ix: GraphIndex | None = None, *,
+                    inferred: onnx.ModelProto | None = None) -> PatchInfo | None:
     """Why `model` counts as ITAE-patched, or None.
 
     The attention Softmax nodes are searched from the final one backwards for the ITAE structure
@@ -242,7 +243,7 @@ def already_patched(model: onnx.ModelProto, ix: GraphIndex | None = None) -> Pat
     while no such structure is found is reported too (block_index None): re-patching a graph some
     other tool rewrote beyond recognition would attenuate twice."""
     ix = ix or GraphIndex(model)
-    layout = attention_layout(model, ix)
+    layout = attention_layout(model, ix, inferred=inferred)
     for sm in reversed(layout.attention_softmaxes):
         site = find_itae_site(ix, sm)
         if site is not None:

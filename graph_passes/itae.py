@@ -84,12 +84,12 @@ class PassResult:
         }
 
 
-def check_patchable(model: onnx.ModelProto) -> None:
+def check_patchable(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> None:
     """Refuse a graph that already carries ITAE (found by structure, detect.py) or is too old."""
-    why = already_patched(model)
+    ix = GraphIndex(model)
+    why = already_patched(model, ix, inferred=inferred)
     if why:
         raise AlreadyPatchedError(f"graph is already patched: {why}; patch the original (unpatched) export instead")
-    ix = GraphIndex(model)
     if ix.opset < 13:
         raise MatchError("opset", f"opset {ix.opset} is too old (need >= 13)", "re-export with opset 17 or newer")
 
@@ -106,14 +106,18 @@ def apply_itae(
 
     Steps: check (not patched yet, opset) -> match the final attention block (never an earlier one)
     -> check the prefix-token count -> emit the ITAE nodes -> rewire the Softmax -> metadata."""
-    check_patchable(model)
+    # one weight-free shape inference serves the checks, the match and the logits' type and size
+    inferred = infer_weight_free(model)
+    check_patchable(model, inferred)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     decomposed = decompose_final_attention(out)  # opset >= 23 fused Attention -> MatMul/Softmax/MatMul
+    if decomposed:  # new tensors: infer again
+        inferred = infer_weight_free(out)
     ix = GraphIndex(out)
-    m = match_final_attention(out, ix)
+    m = match_final_attention(out, ix, inferred=inferred)
     m.decomposed = decomposed
-    logit_type, num_tokens = _logit_info(out, m.logits)
+    logit_type, num_tokens = _logit_info(out, m.logits, inferred)
     prefix = _prefix_tokens(out, ix, num_prefix_tokens, num_tokens)
     if any(o.name == m.softmax.output[0] for o in out.graph.output):
         raise PassError("the Softmax output is a graph output; cannot attenuate after it")
@@ -136,21 +140,29 @@ def apply_itae(
     return out, result
 
 
-def _logit_info(model: onnx.ModelProto, logits: str) -> tuple[int, int | None]:
-    """(element type, static token count or None) of the attention logits [B,H,T,T]."""
-    # small constants (Reshape targets) stay, so that the token count propagates through the layout ops
-    inferred = infer_weight_free(model, keep_small=64, data_prop=True)
+def _logit_info(model: onnx.ModelProto, logits: str, inferred: onnx.ModelProto) -> tuple[int, int | None]:
+    """(element type, static token count or None) of the attention logits [B,H,T,T] (square: either of
+    the last two dims gives T). Only when plain inference knows neither does data propagation (which
+    costs about twice the memory) carry the Reshape targets to them."""
+    elem, tokens = _logit_dims(inferred, logits)
+    if tokens is None:
+        elem, tokens = _logit_dims(infer_weight_free(model, keep_small=64, data_prop=True), logits)
+    for t in model.graph.initializer:
+        if t.name == logits:
+            elem = t.data_type
+    return elem, tokens
+
+
+def _logit_dims(inferred: onnx.ModelProto, logits: str) -> tuple[int, int | None]:
     elem, tokens = TensorProto.FLOAT, None
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if v.name != logits:
             continue
         tt = v.type.tensor_type
         elem = tt.elem_type or elem
-        if tt.HasField("shape") and tt.shape.dim and tt.shape.dim[-1].HasField("dim_value"):
-            tokens = tt.shape.dim[-1].dim_value or None
-    for t in model.graph.initializer:
-        if t.name == logits:
-            elem = t.data_type
+        dims = list(tt.shape.dim) if tt.HasField("shape") else []
+        known = [d.dim_value for d in dims[-2:] if d.HasField("dim_value") and d.dim_value]
+        tokens = known[-1] if known else None
     return elem, tokens
 
 

@@ -205,14 +205,15 @@ def _match_decomposed(model: onnx.ModelProto) -> AttentionMatch:
     return m
 
 
-def match_final_attention(model: onnx.ModelProto, ix: GraphIndex | None = None) -> AttentionMatch:
+def match_final_attention(model: onnx.ModelProto, ix: GraphIndex | None = None, *,
+                          inferred: onnx.ModelProto | None = None) -> AttentionMatch:
     """Match the final attention block: the last attention Softmax (anchor.py). Non-attention
     Softmax nodes after it (a classifier head) are skipped and reported in `rejected`; when the
     final attention does not match, MatchError names the failed step (never an earlier block)."""
     if final_fused_attention(model) is not None:
         return _match_decomposed(model)
     ix = ix or GraphIndex(model)
-    layout = attention_layout(model, ix)
+    layout = attention_layout(model, ix, inferred=inferred)
     if not layout.verdicts:
         raise MatchError("softmax", "the graph has no Softmax node, so no attention block; is this a ViT graph?")
     rejected = [(node_label(v.node), f"not an attention block: {v.reason}") for v in layout.after_final()]

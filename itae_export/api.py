@@ -13,7 +13,6 @@ from .errors import MissingDependencyError
 from .graph_options import GraphOptions
 from .patching import inspect, patch
 from .results import ExportResult
-from .validation import validate  # parity of any artifact against PyTorch (itae-validate)
 
 _DEFAULT = object()
 
@@ -23,6 +22,15 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a broken install counts as missing
         return False
+
+
+def validate(artifact: str | Path, **kwargs: Any):
+    """Parity of any artifact (ONNX, engine, Triton model version) against PyTorch or `against=`
+    another artifact: itae-validate as a function (see itae_export.validation.validate for the
+    arguments); returns a ValidationReport that is truthy when every check passed."""
+    from .validation import validate as run
+
+    return run(artifact, **kwargs)
 
 
 def require_torch() -> None:

@@ -9,14 +9,17 @@ import re
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from graph_passes.errors import UnsafeLocationError
 from graph_passes.graph import check_external_data
 
 from .errors import DataError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 MAX_PICKLE_BYTES = 1 << 30  # CIFAR-100's train file, the largest official batch, is 155 MB
 MAX_TEXT_BYTES = 64 << 20
@@ -170,9 +173,11 @@ def read_text_checked(path: str | Path, what: str = "text file", max_bytes: int 
 
 
 def open_image_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
-                   formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
+                   formats: tuple[str, ...] = IMAGE_FORMATS) -> PILImage:
     """Decode an image file to RGB, refusing more than `max_pixels` pixels (checked from the header,
     before decoding), formats outside `formats`, and corrupt, truncated or empty files (DataError)."""
+    from PIL import Image
+
     p = Path(path)
     _regular_file(p, "image", 1 << 40, DataError)
     try:
