@@ -11,9 +11,11 @@ from itae_export.cli.eval_cmd import build_calibrate_parser, build_eval_parser
 from itae_export.cli.export_cmd import export_parser
 from itae_export.cli.patch_cmd import inspect_main, inspect_parser, patch_parser
 from itae_export.cli.triton_args import triton_parser
+from itae_export.cli.validate_cmd import validate_parser
 
 PARSERS = {"itae-export": export_parser, "itae-patch": patch_parser, "itae-inspect": inspect_parser,
-           "itae-triton": triton_parser, "itae-eval": build_eval_parser, "itae-calibrate": build_calibrate_parser}
+           "itae-triton": triton_parser, "itae-eval": build_eval_parser, "itae-calibrate": build_calibrate_parser,
+           "itae-validate": validate_parser}
 
 
 @pytest.mark.parametrize("prog", sorted(PARSERS))
@@ -23,7 +25,7 @@ def test_every_option_has_help(prog):
                if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
     assert not missing, f"{prog}: options without help: {missing}"
     text = parser.format_help()
-    assert "docs/method.md" in text or prog in ("itae-triton",), "the ITAE flags point at the method page"
+    assert "docs/method.md" in text or prog in ("itae-triton", "itae-validate"), "the ITAE flags point at the method page"
     assert "../shared" not in text
 
 
