@@ -284,7 +284,7 @@ def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
         log.info("[4/4] validation skipped (--skip-validation)")
         return None, None
     t0 = time.perf_counter()
-    parity = compare(ref.outputs, OrtRunner(onnx_path, low_memory=True).run(ref.inputs))
+    parity = compare(ref.outputs, OrtRunner(onnx_path).run(ref.inputs))
     flagged, text = _flag_summary(ref.flag_stats)
     what = "ITAE reference" if req.itae is not None else "model"
     log.info(f"[4/4] ONNX Runtime vs PyTorch {what} on {req.validate_batch} random images: {parity}{text} "

@@ -30,10 +30,7 @@ class TorchRunner:
 
 
 class OrtRunner:
-    def __init__(self, onnx_path: str | Path, providers: list | None = None, threads: int | None = None,
-                 *, low_memory: bool = False):
-        """low_memory: no weight prepacking and no memory arena (one-off checks of big models: the
-        prepacked copies of the MatMul weights would add to the peak; speed does not matter there)."""
+    def __init__(self, onnx_path: str | Path, providers: list | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         p = Path(onnx_path)
@@ -43,9 +40,6 @@ class OrtRunner:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        if low_memory:
-            opts.enable_cpu_mem_arena = False
-            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.session = ort.InferenceSession(str(p), opts, providers=providers or ["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
         self.output_name = self.session.get_outputs()[0].name
