@@ -2,7 +2,8 @@
 # Everything GPU-related in one command, for a fresh machine with an NVIDIA GPU:
 #   1. a venv with the project and its test, trt (TensorRT + cuda-python) and gpu (onnxruntime-gpu) extras
 #   2. pytest -m gpu -v   (TensorRT fp32/fp16 engines vs PyTorch, k-means agreement, ORT CUDA)
-#   3. itae-export of a random-weight ViT-S/14 to a TensorRT engine (fp16) with its JSON sidecar
+#   3. itae-export of a random-weight ViT-S/14 to TensorRT engines (fp16, fp32) with their JSON sidecars,
+#      then itae-validate on each engine (JUnit XML in the output folder)
 #   4. a short report; the exit status is non-zero if any step failed.
 # Usage: tools/gpu_check.sh [OUT_DIR]   (env: PYTHON=python3.11, VENV=.gpu-venv, SKIP_INSTALL=1)
 # Works inside an NGC TensorRT container too (TensorRT is preinstalled there; pip keeps it).
@@ -59,6 +60,9 @@ step engine_fp16 itae-export dinov2_vits14 --random-weights --img-size 224 --pre
   --out "$OUT/vits14_fp16.engine" --timing-cache "$OUT/timing.cache" --force
 step engine_fp32 itae-export dinov2_vits14 --random-weights --img-size 224 --precision fp32 \
   --out "$OUT/vits14_fp32.engine" --timing-cache "$OUT/timing.cache" --force
+# the engines checked again afterwards, as a CI job on the GPU box would (itae-validate, JUnit report)
+step validate_fp16 itae-validate "$OUT/vits14_fp16.engine" --random 16 --junit-xml "$OUT/validate_fp16.xml"
+step validate_fp32 itae-validate "$OUT/vits14_fp32.engine" --random 16 --junit-xml "$OUT/validate_fp32.xml"
 
 echo
 echo "=================== GPU check report ($(date -u +%FT%TZ)) ==================="
