@@ -28,6 +28,7 @@ IMG_SIZE = "itae_export.img_size"  # int: the static input side in pixels
 NUM_PREFIX_TOKENS = "itae_export.num_prefix_tokens"  # int: CLS + register tokens
 EXPORTER = "itae_export.exporter"  # torchscript | dynamo
 WEIGHTS = "itae_export.weights"  # where the weights came from
+WEIGHTS_SHA256 = "itae_export.weights_sha256"  # sha256 of the --weights file (or folder listing)
 ITAE_SETTINGS = "itae.settings"  # JSON object: ITAEConfig.to_dict() of the applied pass
 ITAE_PASS_VERSION = "itae.pass_version"
 FAST_PATH = "itae_export.fast_path"  # int8-dynamic | fused-attention ...

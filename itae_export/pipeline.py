@@ -244,8 +244,13 @@ def release_memory() -> None:
 def run_metadata(req: ExportRequest, num_prefix: int) -> dict[str, str]:
     from graph_passes import metadata as md
 
-    return md.export_metadata(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
+    meta = md.export_metadata(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
                               exporter=req.exporter, weights=req.weights_label)
+    if req.weights is not None:  # lets itae-validate refuse other weights of the same file name
+        from .embed import weights_digest
+
+        meta[md.WEIGHTS_SHA256] = weights_digest(req.weights)["sha256"]
+    return meta
 
 
 def apply_pass(onnx_path: Path, req: ExportRequest, num_prefix: int):

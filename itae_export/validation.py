@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from graph_passes import metadata as md
+
 from .errors import DataError, ModelError, ParityError, UsageError
 from .jsonable import jsonable
 
@@ -38,7 +40,7 @@ RUN_BATCH = 8
 CHECK_NAMES = ("max_abs", "cos_min", "flagged_agreement", "kmeans_ari")
 _SEEDED = re.compile(r"^(random|demo-artifacts)\(seed=(\d+)\)$")
 _SHA = re.compile(r"\b([0-9a-f]{64})\b")
-WEIGHTS_SHA256_KEY = "itae_export.weights_sha256"  # an optional metadata entry next to itae_export.weights
+WEIGHTS_SHA256_KEY = md.WEIGHTS_SHA256  # written by itae-export when --weights names a file or folder
 
 
 # ---------------------------------------------------------------------------------------- results

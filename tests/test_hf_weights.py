@@ -379,3 +379,24 @@ def test_export_through_weights_folder_matches_the_official_layout(hf, variant, 
     run = {t: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
            for t, p in outs.items()}
     assert float(abs(run["hf"] - run["official"]).max()) <= 1e-5
+    # the export records the weights' digest, so validation can tell other weights of the same name
+    import onnx
+
+    from itae_export.embed import weights_digest
+
+    meta = {q.key: q.value for q in onnx.load(str(outs["hf"]), load_external_data=False).metadata_props}
+    assert meta["itae_export.weights_sha256"] == weights_digest(folder)["sha256"]
+    import json
+
+    import itae_export
+    from itae_export.errors import ItaeError
+
+    other = tmp_path / "other" / folder.name  # same folder name, different bytes
+    shutil.copytree(folder, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["_name_or_path"] = "someone-else/dinov2-small"
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ItaeError, match="sha256") as ei:
+        itae_export.validate(outs["hf"], weights=other, n_random=2)
+    assert ei.value.exit_code == 2
+    assert itae_export.validate(outs["hf"], weights=folder, n_random=2)
