@@ -348,21 +348,15 @@ def render_config(
 
 
 def _model_config_pb2():
-    try:
-        from tritonclient.grpc import model_config_pb2  # noqa: PLC0415 - optional dependency
-    except ImportError:
-        return None
+    """Triton's ModelConfig protobuf (tritonclient[grpc], a core dependency), imported when needed."""
+    from tritonclient.grpc import model_config_pb2
+
     return model_config_pb2
 
 
 def parse_config(text: str, where: str | Path):
     """Parse config.pbtxt text with Triton's own ModelConfig protobuf (tritonclient[grpc])."""
     pb2 = _model_config_pb2()
-    if pb2 is None:
-        raise DeployError(
-            f"{where}: reading a config.pbtxt needs Triton's ModelConfig protobuf; "
-            'pip install "tritonclient[grpc]"'
-        )
     from google.protobuf import text_format
 
     cfg = pb2.ModelConfig()
@@ -638,10 +632,7 @@ def _render_checked(s: _Source, model_name: str, max_batch: int, instance_kind: 
         model_name=model_name, platform=s.platform, max_batch=max_batch, inputs=s.inputs, outputs=s.outputs,
         instance_kind=instance_kind, instance_count=instance_count, compute_capability=s.cc, comments=s.comments,
     )  # fmt: skip
-    if _model_config_pb2() is not None:
-        parse_config(config_text, "generated config.pbtxt")  # guard against a malformed render
-    else:
-        s.notes.append('config.pbtxt not validated: pip install "tritonclient[grpc]" for Triton\'s ModelConfig')
+    parse_config(config_text, "generated config.pbtxt")  # guard against a malformed render
     return config_text
 
 

@@ -225,10 +225,8 @@ def ort_gpu_providers(
     """
     if kind not in _PROVIDERS:
         raise EngineError(f"unknown GPU provider kind {kind!r}; choose 'cuda' or 'tensorrt'")
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise EngineError(f"onnxruntime is not installed; pip install -e \".[gpu]\" ({e})") from e
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     wanted = _PROVIDERS[kind]
     if wanted not in available:

@@ -153,24 +153,11 @@ def _build(args):
         return embedder, ident, time.perf_counter() - t0
     weights = "random weights" if args.random_weights else f"weights {args.weights or 'from the caches'}"
     _status(args, f"building {args.model} ({weights}, {args.img_size} px)...")
-    embedder = build_model(
-        args.model,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        seed=args.seed,
-        img_size=args.img_size,
-        depth=args.depth,
-    )
+    described = dict(weights=args.weights, random_weights=args.random_weights, seed=args.seed,
+                     img_size=args.img_size, depth=args.depth)  # what builds the model is what identifies it
+    embedder = build_model(args.model, **described)
     resolved = None if args.random_weights else (args.weights or find_weights(get_spec(args.model)))
-    ident = model_identity(
-        args.model,
-        weights=args.weights,
-        random_weights=args.random_weights,
-        seed=args.seed,
-        img_size=args.img_size,
-        depth=args.depth,
-        resolved_weights=resolved,
-    )
+    ident = model_identity(args.model, **described, resolved_weights=resolved)
     return embedder, ident, time.perf_counter() - t0
 
 
@@ -181,12 +168,9 @@ def _environment() -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__}
     env["torch_threads"] = torch.get_num_threads()
     env["sklearn"] = sklearn.__version__
-    try:
-        import onnxruntime
+    import onnxruntime
 
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    env["onnxruntime"] = onnxruntime.__version__
     return env
 
 
