@@ -106,6 +106,24 @@ def apply_graph_options(
         raise DeployError(f"writing {out}: {e}") from e
 
 
+def normalise_pixels(pixels, mean, std, dtype=None):
+    """uint8 [B,H,W,3] RGB pixels -> ImageNet-normalised [B,3,H,W], computed in float64 (what the
+    uint8-input graph must reproduce), cast to `dtype` (default float32)."""
+    import numpy as np
+
+    m = np.reshape(mean, (1, 3, 1, 1))
+    s = np.reshape(std, (1, 3, 1, 1))
+    return ((pixels.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - m) / s).astype(dtype or np.float32)
+
+
+def l2_normalise(y, eps: float = 1e-12):
+    """y / max(||y||, eps) row by row, computed in float64, in y's dtype (what --l2-normalize adds)."""
+    import numpy as np
+
+    norm = np.linalg.norm(y.astype(np.float64), axis=-1, keepdims=True)
+    return (y / np.maximum(norm, eps)).astype(y.dtype)
+
+
 def reference_batch(
     opts: GraphOptions,
     reference_fn,
@@ -127,15 +145,12 @@ def reference_batch(
     rng = np.random.default_rng(seed)
     if opts.input_format == "uint8-nhwc":
         inputs = rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8)
-        mean = np.reshape(opts.mean, (1, 3, 1, 1))
-        std = np.reshape(opts.std, (1, 3, 1, 1))
-        x = ((inputs.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std).astype(np.float32)
+        x = normalise_pixels(inputs, opts.mean, opts.std)
     else:
         inputs = x = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
     outputs = np.asarray(reference_fn(x))
     if opts.l2_normalize:
-        norm = np.linalg.norm(outputs.astype(np.float64), axis=-1, keepdims=True)
-        outputs = (outputs / np.maximum(norm, 1e-12)).astype(outputs.dtype)
+        outputs = l2_normalise(outputs)
     return inputs, outputs
 
 
@@ -162,9 +177,7 @@ def verify_graph_options(
         rec = done[UINT8_INPUT_KEY]
         h, w = rec["height"], rec["width"]
         px = rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
-        mean = np.reshape(rec["mean"], (1, 3, 1, 1))
-        std = np.reshape(rec["std"], (1, 3, 1, 1))
-        x_before = (px.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - mean) / std
+        x_before = normalise_pixels(px, rec["mean"], rec["std"], np.float64)
         x_after = px
     else:
         shape = [d if isinstance(d, int) and d > 0 else batch for d in s_before.get_inputs()[0].shape]
@@ -177,7 +190,7 @@ def verify_graph_options(
     ref = s_before.run(None, {s_before.get_inputs()[0].name: x_before})[0].astype(np.float64)
     got = s_after.run(None, {i_after.name: x_after})[0].astype(np.float64)
     if L2_NORMALIZE_KEY in done:
-        ref = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), done[L2_NORMALIZE_KEY]["eps"])
+        ref = l2_normalise(ref, done[L2_NORMALIZE_KEY]["eps"])
     from .parity import cosine_rows
 
     return {"max_abs": float(np.max(np.abs(ref - got))), "cos_min": float(np.min(cosine_rows(ref, got)))}

@@ -31,6 +31,7 @@ import numpy as np
 from graph_passes import metadata as md
 
 from .errors import DataError, ModelError, ParityError, UsageError
+from .graph_options import l2_normalise, normalise_pixels
 from .jsonable import jsonable
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -692,13 +693,6 @@ def random_inputs(n: int, img_size: int, seed: int, uint8: bool) -> Inputs:
     return Inputs(x, None, names, f"{n} random normal inputs (seed {seed})", random=True)
 
 
-def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW as graph_options.reference_batch does (float64, then float32)."""
-    m = np.reshape(mean, (1, 3, 1, 1))
-    s = np.reshape(std, (1, 3, 1, 1))
-    return ((pixels.transpose(0, 3, 1, 2).astype(np.float64) / 255.0 - m) / s).astype(np.float32)
-
-
 def _mean_std(art: Artifact) -> tuple[tuple, tuple]:
     from .data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -711,12 +705,7 @@ def float_inputs(art: Artifact, inputs: Inputs) -> np.ndarray:
     if inputs.x is not None and (inputs.pixels is None or not art.takes_uint8):
         return inputs.x
     assert inputs.pixels is not None
-    return normalise(inputs.pixels, *_mean_std(art))
-
-
-def _l2(y: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(y.astype(np.float64), axis=-1, keepdims=True)
-    return (y / np.maximum(norm, 1e-12)).astype(y.dtype)
+    return normalise_pixels(inputs.pixels, *_mean_std(art))
 
 
 # ----------------------------------------------------------------------------------------- runners
@@ -850,7 +839,7 @@ def pytorch_reference(art: Artifact, plan: Plan, inputs: Inputs, *, input_seed: 
             x = float_inputs(art, inputs)
             out = batched(x)
             if art.l2 is not None:
-                out = _l2(out)
+                out = l2_normalise(out)
         flags = None
         if want_flags and plan.itae is not None:
             parts = [last_block_stats(model, torch.from_numpy(x[i:i + RUN_BATCH]), plan.itae)["flagged"]
@@ -1007,7 +996,7 @@ def run_validation(req: ValidateRequest) -> ValidationReport:
         assert other is not None
         ref, ref_flags = reference_runner.run(inputs)
         if (art.l2 is None) != (other.l2 is None):  # one side L2-normalises: compare unit vectors
-            ref, got = _l2(ref), _l2(got)
+            ref, got = l2_normalise(ref), l2_normalise(got)
             notes.append("one artifact L2-normalises its output: both compared as unit vectors")
         reference = str(other.label)
     else:
