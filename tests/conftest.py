@@ -126,3 +126,22 @@ def mounted_tmpfs(folder, size: str):
     finally:
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def marked_progress_bars(monkeypatch):
+    """tqdm bars that write "[bar DESC closed at N/TOTAL]" to stderr when an enabled bar closes
+    (renders are rate-limited, so the closing count is what a test can check)."""
+    import sys
+
+    import tqdm
+
+    class Marked(tqdm.tqdm):
+        def close(self):
+            if not self.disable and not getattr(self, "_marked", False):
+                self._marked = True
+                sys.stderr.write(f"[bar {self.desc} closed at {self.n}/{self.total}]\n")
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Marked)
+    return Marked

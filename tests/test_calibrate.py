@@ -237,12 +237,12 @@ def test_collect_patch_lengths_bar_counts_the_images_processed(monkeypatch) -> N
     assert seen == [(4, 4), (8, 8), (10, 10)]
 
 
-def test_calibrate_cli_progress_runs_to_the_end_and_outputs_are_0644(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_calibrate_cli_progress_runs_to_the_end_and_outputs_are_0644(tmp_path: Path, monkeypatch, capsys,
+                                                                    marked_progress_bars) -> None:
     """With progress on: the bar counts processed images to the end, then status lines cover the fit and
     the figure; the outputs are 0o644 whatever the umask."""
     import os
     import stat
-    import sys
 
     from conftest import planted_artifact_model
 
@@ -254,16 +254,6 @@ def test_calibrate_cli_progress_runs_to_the_end_and_outputs_are_0644(tmp_path: P
     _planted_imagefolder(tmp_path / "data", n=20)
     argv = ["dinov2_vits14", "--random-weights", "--img-size", "56", "--dataset", "imagefolder", "--data-root",
             str(tmp_path / "data"), "--resize-size", "56", "--batch-size", "8", "--out", str(tmp_path / "s.json")]
-    import tqdm
-
-    class Marked(tqdm.tqdm):  # renders are rate-limited: mark where each enabled bar closes, and its count
-        def close(self):
-            if not self.disable and not getattr(self, "_marked", False):
-                self._marked = True
-                sys.stderr.write(f"[bar {self.desc} closed at {self.n}/{self.total}]\n")
-            super().close()
-
-    monkeypatch.setattr(tqdm, "tqdm", Marked)
     old = os.umask(0o077)
     try:
         rc = calibrate_main(argv)

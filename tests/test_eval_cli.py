@@ -225,21 +225,10 @@ def test_report_files_are_0644_whatever_the_umask(tmp_path: Path, capsys) -> Non
     }
 
 
-def test_eval_progress_bars_and_status_lines(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_eval_progress_bars_and_status_lines(tmp_path: Path, capsys, marked_progress_bars) -> None:
     """Progress on: each bar closes at its total (images embedded, images measured) and the steps
     without a bar (data, model, k-means, figures) print a status line."""
-    import sys
 
-    import tqdm
-
-    class Marked(tqdm.tqdm):
-        def close(self):
-            if not self.disable and not getattr(self, "_marked", False):
-                self._marked = True
-                sys.stderr.write(f"[bar {self.desc} closed at {self.n}/{self.total}]\n")
-            super().close()
-
-    monkeypatch.setattr(tqdm, "tqdm", Marked)
     data = [a for a in SMALL if a != "--no-progress"]
     assert eval_main(MODEL + data + ["--report-dir", str(tmp_path / "r"), "--viz", "1"]) == 0
     err = capsys.readouterr().err
