@@ -275,15 +275,38 @@ def all_tensors(graph: onnx.GraphProto):
                 yield from all_tensors(g)
 
 
+_TENSOR_HOLDERS = ("GraphProto", "NodeProto", "AttributeProto", "TensorProto", "SparseTensorProto", "FunctionProto",
+                   "ModelProto", "TrainingInfoProto")
+
+
+def external_tensors(model: onnx.ModelProto):
+    """(tensor, its "location" entry) for every external-data tensor anywhere in `model`: initializers,
+    sparse tensors, attributes, functions, subgraphs. Raw data is never touched."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, TensorProto):
+            if m.data_location == TensorProto.EXTERNAL:
+                yield from ((m, kv) for kv in m.external_data if kv.key == "location")
+            continue
+        for field, value in m.ListFields():
+            if field.message_type is not None and field.message_type.name in _TENSOR_HOLDERS:
+                if hasattr(value, "ListFields"):  # a single message, else a repeated field
+                    stack.append(value)
+                else:
+                    stack.extend(value)
+
+
 def external_locations(model: onnx.ModelProto) -> list[str]:
     """Relative paths of the external data files a model references (weights need not be loaded)."""
-    locs = set()
-    for t in all_tensors(model.graph):
-        if t.data_location == TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    locs.add(kv.value)
-    return sorted(locs)
+    return sorted({kv.value for _, kv in external_tensors(model)})
+
+
+def relocate_external(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point every tensor stored in the external file `old` at `new` (same offsets)."""
+    for _, kv in external_tensors(model):
+        if kv.value == old:
+            kv.value = new
 
 
 def resolve_external_location(base_dir: str | Path, location: str, model_file: str | Path | None = None) -> Path:
@@ -321,19 +344,4 @@ def check_external_data(model: onnx.ModelProto, base_dir: str | Path, *,
     """Resolve every external-data location of `model` safely (see resolve_external_location), looking
     at every tensor anywhere in the model (initializers, sparse tensors, attributes, functions, subgraphs);
     returns the files in sorted-location order, as external_locations lists them."""
-    walk = ("GraphProto", "NodeProto", "AttributeProto", "TensorProto", "SparseTensorProto", "FunctionProto",
-            "ModelProto", "TrainingInfoProto")
-    stack, locs = [model], set()
-    while stack:
-        m = stack.pop()
-        if isinstance(m, TensorProto):  # its raw_data is never touched
-            if m.data_location == TensorProto.EXTERNAL:
-                locs.update(kv.value for kv in m.external_data if kv.key == "location")
-            continue
-        for field, value in m.ListFields():
-            if field.message_type is not None and field.message_type.name in walk:
-                if hasattr(value, "ListFields"):  # a single message, else a repeated field
-                    stack.append(value)
-                else:
-                    stack.extend(value)
-    return [resolve_external_location(base_dir, loc, model_file) for loc in sorted(locs)]
+    return [resolve_external_location(base_dir, loc, model_file) for loc in external_locations(model)]

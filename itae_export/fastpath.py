@@ -28,7 +28,7 @@ import onnx
 
 from graph_passes import metadata as md
 from graph_passes.final_block import final_block_nodes
-from graph_passes.graph import external_locations
+from graph_passes.graph import external_locations, relocate_external
 from graph_passes.match import MatchError
 
 from .errors import ModelError
@@ -145,7 +145,7 @@ def fuse_model(onnx_in: str | Path, onnx_out: str | Path) -> dict[str, Any]:
                     pass
             if not linked:
                 shutil.copyfile(data, staged_data)
-            _relocate(fused, loc, staged_data.name)
+            relocate_external(fused, loc, staged_data.name)
         md.set_metadata_props(fused, {md.FAST_PATH: FUSED_VALUE,
                                       md.FUSED_ATTENTION: json.dumps(res.to_dict(), sort_keys=True)})
         onnx.save_model(fused, str(staged))
@@ -341,7 +341,7 @@ def move_model(src: Path, dst: Path) -> Path:
     if loc:
         new = dst.name + ".data"
         os.replace(src.parent / loc, dst.parent / new)
-        _relocate(m, loc, new)
+        relocate_external(m, loc, new)
     onnx.save_model(m, str(dst))
     if src != dst:
         src.unlink()
@@ -358,16 +358,6 @@ def _single_data_file(model: onnx.ModelProto) -> str | None:
     if len(locs) > 1:
         raise ValueError("the model keeps its weights in several files; expected one .data file")
     return locs[0] if locs else None
-
-
-def _relocate(model: onnx.ModelProto, old: str, new: str) -> None:
-    """Point every tensor stored in the external file `old` at `new` (same offsets)."""
-    from graph_passes.graph import all_tensors
-
-    for t in all_tensors(model.graph):
-        for kv in t.external_data:
-            if kv.key == "location" and kv.value == old:
-                kv.value = new
 
 
 def accuracy_json(rep: dict[str, Any]) -> str:

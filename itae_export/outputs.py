@@ -374,47 +374,11 @@ def _claim(folder: Path, dest: Path, flag: str) -> _Claim:
 
 # --------------------------------------------------------------------------------------- ONNX bits
 
-def _node_tensors(nodes) -> Iterator:
-    for node in nodes:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor.values
-                yield a.sparse_tensor.indices
-            for s in a.sparse_tensors:
-                yield s.values
-                yield s.indices
-            if a.HasField("g"):
-                yield from _graph_tensors(a.g)
-            for g in a.graphs:
-                yield from _graph_tensors(g)
-
-
-def _graph_tensors(graph) -> Iterator:
-    yield from graph.initializer
-    for s in graph.sparse_initializer:
-        yield s.values
-        yield s.indices
-    yield from _node_tensors(graph.node)
-
-
-def _model_tensors(model) -> Iterator:
-    yield from _graph_tensors(model.graph)
-    for f in model.functions:
-        yield from _node_tensors(f.node)
-
-
 def _external(model) -> Iterator:
-    """(tensor, location entry) of every external tensor."""
-    from onnx import TensorProto
+    """(tensor, location entry) of every external tensor (graph_passes.graph.external_tensors)."""
+    from graph_passes.graph import external_tensors
 
-    for t in _model_tensors(model):
-        if t.data_location == TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    yield t, kv
+    return external_tensors(model)
 
 
 def _load_header(path: Path):

@@ -14,7 +14,7 @@ import numpy as np
 from graph_passes import metadata as md
 from graph_passes.config import ITAEConfig
 from graph_passes.errors import PassError
-from graph_passes.graph import GraphIndex, all_tensors, check_external_data, external_locations
+from graph_passes.graph import GraphIndex, check_external_data, external_locations, relocate_external
 
 from .errors import GraphError, OutputExistsError, ParityError, UsageError
 from .outputs import OutputTransaction
@@ -41,13 +41,6 @@ def _check_num_prefix(num_prefix_tokens: int | None) -> None:
         raise UsageError(f"--num-prefix-tokens must be an integer >= 1 (CLS + registers), got {num_prefix_tokens!r}")
 
 
-def _set_location(model, old: str, new: str) -> None:
-    for t in all_tensors(model.graph):
-        for kv in t.external_data:
-            if kv.key == "location" and kv.value == old:
-                kv.value = new
-
-
 def _same_folder(a: Path, b: Path) -> bool:
     return a.parent.resolve() == b.parent.resolve()
 
@@ -67,7 +60,7 @@ def _stage_weights(model, src: Path, out: Path, txn: OutputTransaction, copy_wei
         if (out.parent / new).exists() and not txn.force:
             raise OutputExistsError(f"{out.parent / new} already exists; pass --force or choose another --out")
         shutil.copyfile(src.parent / old, txn.staging / new)
-        _set_location(model, old, new)
+        relocate_external(model, old, new)
 
 
 def _strictest(files: list[Path]) -> Path:
