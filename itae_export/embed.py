@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from graph_passes.graph import check_external_data
-
 from .errors import DataError, OutputBusyError, UsageError
 from .hashing import sha256_file
 from .outputs import OutputTransaction
@@ -90,11 +88,11 @@ def model_identity(
 def onnx_identity(path: str | Path) -> dict:
     """Digests of an ONNX file and its external data files, and its metadata_props (where itae-export
     records the ITAE settings it applied)."""
-    from .safe_io import load_onnx_checked
+    from .safe_io import load_onnx_with_data
 
     p = Path(path)
-    m = load_onnx_checked(p, "--onnx")
-    files = [p] + check_external_data(m, p.parent)
+    m, data = load_onnx_with_data(p, "--onnx")
+    files = [p, *data]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise UsageError(

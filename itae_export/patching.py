@@ -14,12 +14,12 @@ import numpy as np
 from graph_passes import metadata as md
 from graph_passes.config import ITAEConfig
 from graph_passes.errors import PassError
-from graph_passes.graph import GraphIndex, check_external_data, external_locations, relocate_external
+from graph_passes.graph import GraphIndex, external_locations, relocate_external
 
 from .errors import GraphError, OutputExistsError, ParityError, UsageError
 from .outputs import OutputTransaction
 from .results import Inspection, PatchResult
-from .safe_io import load_onnx_checked
+from .safe_io import load_onnx_checked, load_onnx_with_data
 
 log = logging.getLogger("itae_export")
 CHECKS = ("auto", "yes", "no")
@@ -83,8 +83,7 @@ def patch(src: str | Path, out: str | Path, *, itae: ITAEConfig | None = None, n
     if check not in CHECKS:
         raise UsageError(f"--check {check!r} is not valid; choose one of {', '.join(CHECKS)}")
     _check_num_prefix(num_prefix_tokens)
-    model = load_onnx_checked(src)
-    data_files = check_external_data(model, src.parent)
+    model, data_files = load_onnx_with_data(src)
     for f in data_files:
         if not f.is_file():
             raise UsageError(f"{src} references external weights {f.name} that are not beside it; keep the .data "

@@ -265,6 +265,12 @@ def check_tensor_dict(sd, path: str | Path) -> dict:
 def load_onnx_checked(path: str | Path, flag: str = "input"):
     """Load an ONNX graph without its external weights, with clear errors for bad files, and check
     that every external-data location stays inside the model's folder."""
+    return load_onnx_with_data(path, flag)[0]
+
+
+def load_onnx_with_data(path: str | Path, flag: str = "input"):
+    """load_onnx_checked, plus the external data files the graph references (checked to lie inside
+    its folder; they may be missing)."""
     import onnx
 
     p = Path(path)
@@ -279,7 +285,7 @@ def load_onnx_checked(path: str | Path, flag: str = "input"):
     if not model.graph.node:
         raise UsageError(f"{flag} {p} is not an ONNX model (no graph nodes); give an .onnx file")
     try:
-        check_external_data(model, p.parent, model_file=p)
+        files = check_external_data(model, p.parent, model_file=p)
     except UnsafeLocationError as e:
         raise UsageError(f"{flag} {p}: {e}") from None
-    return model
+    return model, files
