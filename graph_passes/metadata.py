@@ -37,6 +37,7 @@ FAST_PATH_ACCURACY = "itae_export.fast_path_accuracy"  # JSON object
 FUSED_ATTENTION = "itae_export.fused_attention"  # JSON object: FusionResult.to_dict()
 UINT8_NHWC_INPUT = "itae_export.uint8_nhwc_input"  # JSON object: Uint8InputResult (+ layout, dtype)
 L2_NORMALIZE = "itae_export.l2_normalize"  # JSON object: L2NormalizeResult
+DYNAMIC_SIZE = "itae_export.dynamic_size"  # JSON object {"min", "max", "multiple"}: H/W bounds in pixels
 
 # legacy spelling -> canonical key (accepted when reading, replaced when writing)
 LEGACY_KEYS = {
@@ -59,6 +60,7 @@ KEY_TYPES = {
     FUSED_ATTENTION: "json",
     UINT8_NHWC_INPUT: "json",
     L2_NORMALIZE: "json",
+    DYNAMIC_SIZE: "json",
 }
 
 # ArtifactMetadata field -> key
@@ -76,6 +78,7 @@ FIELD_KEYS = {
     "fused_attention": FUSED_ATTENTION,
     "uint8_nhwc_input": UINT8_NHWC_INPUT,
     "l2_normalize": L2_NORMALIZE,
+    "dynamic_size": DYNAMIC_SIZE,
 }
 
 
@@ -102,6 +105,7 @@ class ArtifactMetadata:
     fused_attention: dict | None = None
     uint8_nhwc_input: dict | None = None  # what add_uint8_nhwc_input recorded
     l2_normalize: dict | None = None  # what add_l2_normalize recorded
+    dynamic_size: dict | None = None  # {"min", "max", "multiple"}: the H/W the graph takes (img_size: the optimum)
     extra: dict[str, str] = field(default_factory=dict)  # every other key, verbatim
 
     def __post_init__(self) -> None:
@@ -260,8 +264,9 @@ def write_metadata(model: onnx.ModelProto, meta: ArtifactMetadata) -> None:
 
 
 def export_metadata(*, model: str | None = None, img_size: int | None = None, num_prefix_tokens: int | None = None,
-                    exporter: str | None = None, weights: str | None = None) -> dict[str, str]:
+                    exporter: str | None = None, weights: str | None = None,
+                    dynamic_size: dict | None = None) -> dict[str, str]:
     """The export provenance entries (canonical keys, type-checked) as metadata_props strings, for
     set_metadata_props or apply_itae(metadata=...)."""
     return ArtifactMetadata(model=model, img_size=img_size, num_prefix_tokens=num_prefix_tokens,
-                            exporter=exporter, weights=weights).to_props()
+                            exporter=exporter, weights=weights, dynamic_size=dynamic_size).to_props()

@@ -13,11 +13,12 @@ from __future__ import annotations
 from graph_passes.config import ITAEConfig
 
 from .api import build_engine, deploy_triton, export, inspect, patch, validate
+from .dynamic_size import SizeBounds
 from .errors import ItaeError
 from .graph_options import GraphOptions
 from .results import ExportResult, Inspection, PatchResult
 
 __version__ = "0.2.0"
 
-__all__ = ["ExportResult", "GraphOptions", "ITAEConfig", "Inspection", "ItaeError", "PatchResult", "__version__",
+__all__ = ["ExportResult", "GraphOptions", "ITAEConfig", "Inspection", "ItaeError", "PatchResult", "SizeBounds", "__version__",
            "build_engine", "deploy_triton", "export", "inspect", "patch", "validate"]

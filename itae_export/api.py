@@ -49,14 +49,17 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
            fast_path: str = "none", int8_weights: str = "per-channel", fast_path_eval_images: int = 200,
            graph_options: GraphOptions | None = None, engine: Any = None, triton: Any = None,
            depth: int | None = None, settings: str | Path | None = None,
-           demo_artifacts: bool = False) -> ExportResult:
+           demo_artifacts: bool = False, dynamic_size: Any = None) -> ExportResult:
     """Export `model` (a catalogue name, e.g. "dinov2_vitl14") to `out` (.onnx, or .engine/.plan)
     with ITAE in its final attention block (`itae=None`: the baseline), validated against PyTorch.
 
     engine: an itae_export.engine.EngineOptions for engine outputs; triton: an
     itae_export.triton.TritonOptions to add the result to a Triton model repository; settings: a
     settings file (as itae-calibrate writes) to take the ITAE settings from when `itae` is not given.
+    dynamic_size: an itae_export.SizeBounds (or True for the default 112-518 px) for one graph that
+    takes any H x W within the bounds; `img_size` is then the size it is tuned and checked at first.
     """
+    from .dynamic_size import SizeBounds
     from .errors import SettingsError
     from .pipeline import ExportRequest, run_export
 
@@ -72,7 +75,7 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
         validate_batch=validate_batch, force=force, fast_path=fast_path, int8_weights=int8_weights,
         fast_path_eval_images=fast_path_eval_images, graph_options=graph_options or GraphOptions(),
         engine=engine, triton=triton, depth=depth, settings=Path(settings) if settings is not None else None,
-        demo_artifacts=demo_artifacts)
+        demo_artifacts=demo_artifacts, dynamic_size=SizeBounds() if dynamic_size is True else (dynamic_size or None))
     require_torch()
     return run_export(req)
 

@@ -54,6 +54,11 @@ def _plant(model, seed: int) -> list[int]:
     model.pos_embed_patches[..., d] = 0.0
     model.cls_token_pos[..., d] = 0.0
     model.pos_embed_patches[0, positions, d] = BETA
+    # the same corners on the 37x37 source grid, which a dynamic-size model interpolates per input
+    source = model.pos_embed_source
+    side = int(round(source.shape[1] ** 0.5))
+    source[..., d] = 0.0
+    source[0, artifact_positions(side), d] = BETA
     for blk in vit.blocks:
         blk.ls1.gamma[d] = 0.0
         blk.ls2.gamma[d] = 0.0

@@ -19,40 +19,25 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .catalogue import CATALOGUE, SOURCE_GRID, ModelSpec, get_spec  # noqa: F401 - re-exported
 from .errors import ModelError
 from .hf_weights import INDEX, WEIGHTS, hf_repo_name, is_hf_checkpoint, load_hf_checkpoint
+from .pos_embed import interpolate_in_graph, interpolate_official
 from .safe_io import check_tensor_dict, load_tensor_file
 
 
 def interpolate_pos_embed_official(
     patch_pos: torch.Tensor, grid: tuple[int, int], *, registers: bool
 ) -> torch.Tensor:
-    """Official DINOv2 interpolation of the patch position embeddings [1, M*M, D] -> [1, gh*gw, D].
+    """Official DINOv2 interpolation of the patch position embeddings [1, M*M, D] -> [1, gh*gw, D]
+    (pos_embed.interpolate_official: plain models by scale factor with the 0.1 offset, antialias
+    off; `_reg` models by size, antialias on)."""
+    return interpolate_official(patch_pos, grid, registers=registers)
 
-    Plain models: bicubic by scale factor (g + 0.1) / M, antialias off; `_reg` models: bicubic by
-    size, antialias on (their hub configs set interpolate_offset=0, interpolate_antialias=True).
-    """
-    n, dim = patch_pos.shape[1], patch_pos.shape[2]
-    m = int(math.isqrt(n))
-    if m * m != n:
-        raise ModelError(f"position embedding has {n} patch entries, not a square grid")
-    gh, gw = grid
-    if (gh, gw) == (m, m):
-        return patch_pos.clone()
-    src = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-    if registers:
-        out = F.interpolate(src, size=(gh, gw), mode="bicubic", antialias=True)
-    else:
-        out = F.interpolate(
-            src, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", antialias=False
-        )
-    if tuple(out.shape[-2:]) != (gh, gw):
-        raise ModelError(f"position embedding interpolation gave {tuple(out.shape[-2:])}, expected {(gh, gw)}")
-    return out.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(patch_pos.dtype)
+
+POS_MODES = ("fixed", "official", "graph")
 
 
 class DinoV2Embedder(nn.Module):
@@ -60,6 +45,13 @@ class DinoV2Embedder(nn.Module):
 
     Tokens are [CLS, registers..., patches...]; the CLS token carries its own position embedding
     (added at build time) and registers carry none, as in the official code.
+
+    `pos_mode` says where the patch position embedding comes from:
+    - "fixed" (default): interpolated once, at build time, for `img_size` (a constant in the graph);
+    - "official": interpolated for each input's size by the official call (the eager reference of a
+      dynamic-size model);
+    - "graph": the same rule as matrix products of the input's size (pos_embed.interpolate_in_graph),
+      which is what a dynamic-size export traces.
     """
 
     def __init__(self, spec: ModelSpec, vit: nn.Module, cls_pos: torch.Tensor, patch_pos_src: torch.Tensor, img_size: int):
@@ -69,19 +61,37 @@ class DinoV2Embedder(nn.Module):
         self.img_size = img_size
         self.grid = (img_size // spec.patch_size, img_size // spec.patch_size)
         self.num_prefix_tokens = 1 + spec.num_registers
+        self.pos_mode = "fixed"
         pos = interpolate_pos_embed_official(patch_pos_src, self.grid, registers=spec.num_registers > 0)
         self.register_buffer("pos_embed_patches", pos.detach().clone(), persistent=False)
+        self.register_buffer("pos_embed_source", patch_pos_src.detach().clone(), persistent=False)
         self.register_buffer("cls_token_pos", (vit.cls_token + cls_pos).detach().clone(), persistent=False)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.vit.blocks
 
+    def patch_positions(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[1, gh*gw, D] position embeddings of the patches of this input, by `pos_mode`."""
+        if self.pos_mode == "fixed":
+            return self.pos_embed_patches
+        registers = self.spec.num_registers > 0
+        p = self.spec.patch_size
+        if self.pos_mode == "official":
+            grid = (pixel_values.shape[2] // p, pixel_values.shape[3] // p)
+            return interpolate_official(self.pos_embed_source, grid, registers=registers)
+        if torch.jit.is_tracing():  # the TorchScript exporter: sizes as traced tensors, not constants
+            hw = torch._shape_as_tensor(pixel_values)[2:]
+            gh, gw = hw[0] // p, hw[1] // p
+        else:  # eager, or torch.export's symbolic sizes
+            gh, gw = pixel_values.shape[2] // p, pixel_values.shape[3] // p
+        return interpolate_in_graph(self.pos_embed_source, gh, gw, registers=registers)
+
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Input tokens of the first block, [B, T, D]."""
         b = pixel_values.shape[0]
         x = self.vit.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
-        x = x + self.pos_embed_patches
+        x = x + self.patch_positions(pixel_values)
         parts = [self.cls_token_pos.expand(b, -1, -1)]
         if self.spec.num_registers:
             parts.append(self.vit.reg_token.expand(b, -1, -1))

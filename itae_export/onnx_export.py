@@ -1,5 +1,6 @@
-"""torch -> ONNX. Input `pixel_values` [B,3,H,W] float32 with a dynamic batch axis, output
-`embedding` [B,D]. The dynamo exporter is the default: it peaks at about a third of the
+"""torch -> ONNX. Input `pixel_values` [B,3,H,W] float32 with a dynamic batch axis (and, for a
+dynamic-size export, dynamic H and W named "height" and "width", checked in the graph by
+graph_passes.size_check), output `embedding` [B,D]. The dynamo exporter is the default: it peaks at about a third of the
 TorchScript exporter's memory on ViT-L (measured: docs/performance.md)."""
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import onnx
 import torch
 from torch import nn
 
+from graph_passes.errors import PassError
 from graph_passes.graph import external_locations
+from graph_passes.size_check import add_size_check
 
-from .errors import ExportError
+from .dynamic_size import SizeBounds
+from .errors import ExportError, graph_error
 from .outputs import OutputTransaction
 from .settings import check_exporter_opset
 
@@ -79,10 +83,13 @@ def export_onnx(
     exporter: str = "dynamo",
     opset: int | None = None,
     external_data: bool | None = None,
+    dynamic_size: SizeBounds | None = None,
 ) -> Path:
     """Export `model` (forward(pixel_values) -> [B, D]) to `out_path`, through an output transaction
     (staged beside it, committed with its `.data` file only when the export succeeded; an existing
     `out_path` is replaced). external_data=None decides by weight size (EXTERNAL_DATA_THRESHOLD).
+    dynamic_size: H and W become dynamic within these bounds; the model must be a DinoV2Embedder,
+    traced with its position embedding computed in the graph (pos_mode "graph").
     """
     check_exporter_opset(exporter, opset)
     out = Path(out_path)
@@ -92,9 +99,12 @@ def export_onnx(
         work = txn.staging / "export"
         work.mkdir()
         tmp = work / out.name
-        _run_exporter(model.eval(), tmp, img_size=img_size, exporter=exporter, opset=opset,
-                      external_data=external_data)
+        with _pos_mode(model, "graph" if dynamic_size is not None else None):
+            _run_exporter(model.eval(), tmp, img_size=img_size, exporter=exporter, opset=opset,
+                          external_data=external_data, dynamic_size=dynamic_size)
         _normalise_external_data(tmp, external_data)
+        if dynamic_size is not None:
+            _finish_dynamic(tmp, dynamic_size)
         for f in work.iterdir():
             os.replace(f, txn.staging / f.name)
         txn.add(txn.stage_path(out), out)
@@ -102,16 +112,43 @@ def export_onnx(
     return out
 
 
+@contextlib.contextmanager
+def _pos_mode(model: nn.Module, mode: str | None):
+    """Trace a DinoV2Embedder with the given position-embedding mode; restored afterwards."""
+    if mode is None:
+        yield
+        return
+    if not hasattr(model, "pos_mode"):
+        raise ExportError(f"a dynamic-size export needs a DINOv2 embedder, not {type(model).__name__}")
+    before = model.pos_mode
+    model.pos_mode = mode
+    try:
+        yield
+    finally:
+        model.pos_mode = before
+
+
+def _dynamic_axes(dynamic_size: SizeBounds | None) -> tuple[dict, dict]:
+    """(dynamo dynamic_shapes entry, TorchScript dynamic_axes entry) of the input."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if dynamic_size is None:
+        return {0: batch}, {0: "batch"}
+    p = dynamic_size.multiple
+    h = torch.export.Dim("height", min=dynamic_size.min_size // p, max=dynamic_size.max_size // p)
+    w = torch.export.Dim("width", min=dynamic_size.min_size // p, max=dynamic_size.max_size // p)
+    return {0: batch, 2: p * h, 3: p * w}, {0: "batch", 2: "height", 3: "width"}
+
+
 def _run_exporter(model: nn.Module, tmp: Path, *, img_size: int, exporter: str, opset: int | None,
-                  external_data: bool) -> None:
+                  external_data: bool, dynamic_size: SizeBounds | None = None) -> None:
     dummy = torch.zeros(2, 3, img_size, img_size)
+    dyn_shapes, dyn_axes = _dynamic_axes(dynamic_size)
     with torch.no_grad(), _quiet() as log:
         try:
             if exporter == "dynamo":
-                batch = torch.export.Dim("batch", min=1, max=4096)
                 prog = torch.onnx.export(
                     model, (dummy,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes={"pixel_values": {0: batch}}, opset_version=opset or 18, optimize=True,
+                    dynamic_shapes={"pixel_values": dyn_shapes}, opset_version=opset or 18, optimize=True,
                     verbose=False)
                 prog.save(str(tmp), external_data=external_data)
                 del prog
@@ -119,7 +156,7 @@ def _run_exporter(model: nn.Module, tmp: Path, *, img_size: int, exporter: str, 
             else:
                 torch.onnx.export(
                     model, (dummy,), str(tmp), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset or 17,
+                    dynamic_axes={INPUT_NAME: dyn_axes, OUTPUT_NAME: {0: "batch"}}, opset_version=opset or 17,
                     do_constant_folding=True)
         except OSError:
             raise  # disk full, read-only...: the output transaction names the path (exit 5)
@@ -130,6 +167,21 @@ def _run_exporter(model: nn.Module, tmp: Path, *, img_size: int, exporter: str, 
                 f"{exporter} export of {type(model).__name__} failed: {type(e).__name__}: {e}"
                 + (f" (exporter log: {' | '.join(tail)})" if tail else "") + f"; try --exporter {other}"
             ) from e
+
+
+def _finish_dynamic(path: Path, bounds: SizeBounds) -> None:
+    """Name the input's dims batch/height/width (dynamo writes "14*height") and add the in-graph
+    size check; only the graph is rewritten, the weights stay where they are."""
+    m = onnx.load(str(path), load_external_data=False)
+    dims = [i for i in m.graph.input if i.name == INPUT_NAME][0].type.tensor_type.shape.dim
+    for d, name in zip(dims, ("batch", None, "height", "width"), strict=True):
+        if name is not None and not d.HasField("dim_value"):
+            d.dim_param = name
+    try:
+        m, _ = add_size_check(m, lo=bounds.min_size, hi=bounds.max_size, multiple=bounds.multiple)
+    except PassError as e:
+        raise graph_error(e) from e
+    onnx.save_model(m, str(path))
 
 
 def _normalise_external_data(path: Path, external: bool) -> None:

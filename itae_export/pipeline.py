@@ -32,6 +32,7 @@ import numpy as np
 from graph_passes.config import ITAEConfig
 from graph_passes.errors import PassError
 
+from .dynamic_size import SizeBounds
 from .errors import ParityError, UsageError, graph_error
 from .graph_options import GraphOptions
 from .outputs import OutputTransaction
@@ -77,6 +78,7 @@ class ExportRequest:
     depth: int | None = None  # reduced-depth random models (tests)
     settings: Path | None = None  # the settings file `itae` came from: an input, never overwritten
     demo_artifacts: bool = False  # the synthetic demo model (itae_export.demo): random weights + planted artifacts
+    dynamic_size: SizeBounds | None = None  # any H x W within these bounds in one graph (img_size: the optimum)
 
     def __post_init__(self) -> None:
         from .catalogue import CATALOGUE
@@ -91,6 +93,11 @@ class ExportRequest:
         check_int(self.seed, "--seed", lo=0, hi=2**32 - 1)
         check_int(self.validate_batch, "--validate-batch", lo=1, hi=MAX_VALIDATE_BATCH)
         check_img_size(self.img_size, heads=spec.num_heads, batch=self.validate_batch)
+        if self.dynamic_size is not None:
+            if not isinstance(self.dynamic_size, SizeBounds):
+                raise UsageError(f"dynamic_size must be a SizeBounds, got {type(self.dynamic_size).__name__}")
+            self.dynamic_size.check_memory(heads=spec.num_heads, batch=self.validate_batch)
+            self.dynamic_size.check_opt(self.img_size)
         check_choice(self.exporter, "--exporter", EXPORTERS)
         object.__setattr__(self, "opset", check_exporter_opset(self.exporter, self.opset))
         if self.depth is not None:
@@ -161,13 +168,24 @@ class ExportRequest:
         return f"random(seed={self.seed})" if self.random_weights else (self.weights.name if self.weights else "cache")
 
 
+    @property
+    def validation_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) of each parity check: img_size, plus the bounds' sizes for a dynamic-size export."""
+        if self.dynamic_size is None:
+            return [(self.img_size, self.img_size)]
+        sizes = self.dynamic_size.validation_sizes(self.img_size)
+        return [(self.img_size, self.img_size)] + [s for s in sizes if s != (self.img_size, self.img_size)]
+
+
 @dataclass
 class Reference:
-    """PyTorch figures computed before the torch model is freed."""
+    """PyTorch figures computed before the torch model is freed. `inputs`/`outputs` are at img_size;
+    `by_size` holds every validated (H, W) of a dynamic-size export (img_size included)."""
 
     inputs: np.ndarray
     outputs: np.ndarray
     flag_stats: dict | None = None
+    by_size: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     deploy: tuple[np.ndarray, np.ndarray] | None = None  # inputs/outputs as the graph options see them
     digits: tuple | None = None  # ((eval images, labels), their fp32 reference outputs) for the fast path
 
@@ -187,8 +205,9 @@ def build_torch_model(req: ExportRequest):
                        img_size=req.img_size, depth=req.depth)
 
 
-def random_inputs(n: int, img_size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, img_size, img_size)).astype(np.float32)
+def random_inputs(n: int, img_size: int, seed: int, width: int | None = None) -> np.ndarray:
+    shape = (n, 3, img_size, width if width is not None else img_size)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def reference_figures(model, req: ExportRequest) -> Reference:
@@ -198,13 +217,19 @@ def reference_figures(model, req: ExportRequest) -> Reference:
     from .runtime import run_batched
 
     cfg = req.itae
-    x = random_inputs(req.validate_batch, req.img_size, req.seed)
+    if req.dynamic_size is not None:
+        model.pos_mode = "official"  # the reference interpolates for each input's size, as the official code
     reference = (ITAEReference(model, cfg) if cfg is not None else model).eval()
 
     def run(a: np.ndarray) -> np.ndarray:
         return reference(torch.from_numpy(a)).numpy()
 
-    ref = Reference(x, run(x))
+    by_size = {}
+    for h, w in req.validation_sizes:
+        xs = random_inputs(req.validate_batch, h, req.seed, width=w)
+        by_size[(h, w)] = (xs, run_batched(run, xs, batch=1))
+    x, y = by_size[(req.img_size, req.img_size)]
+    ref = Reference(x, y, by_size=by_size if req.dynamic_size is not None else {})
     if cfg is not None:
         ref.flag_stats = last_block_stats(model, torch.from_numpy(x), cfg)
     if req.graph_options.any:
@@ -225,7 +250,8 @@ def export_graph(model, req: ExportRequest, staged: Path) -> Path:
 
     t0 = time.perf_counter()
     log.info(f"[2/4] exporting with the {req.exporter} exporter ...")
-    export_onnx(model, staged, img_size=req.img_size, exporter=req.exporter, opset=req.opset)
+    export_onnx(model, staged, img_size=req.img_size, exporter=req.exporter, opset=req.opset,
+                dynamic_size=req.dynamic_size)
     log.info(f"      exported in {time.perf_counter() - t0:.1f} s")
     return staged
 
@@ -245,7 +271,8 @@ def run_metadata(req: ExportRequest, num_prefix: int) -> dict[str, str]:
     from graph_passes import metadata as md
 
     meta = md.export_metadata(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
-                              exporter=req.exporter, weights=req.weights_label)
+                              exporter=req.exporter, weights=req.weights_label,
+                              dynamic_size=req.dynamic_size.to_metadata() if req.dynamic_size is not None else None)
     if req.weights is not None:  # lets itae-validate refuse other weights of the same file name
         from .embed import weights_digest
 
@@ -281,26 +308,33 @@ def apply_pass(onnx_path: Path, req: ExportRequest, num_prefix: int):
 
 
 def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
-    """ONNX Runtime vs the PyTorch reference; raises ParityError beyond tolerance."""
+    """ONNX Runtime vs the PyTorch reference, at every validated size; raises ParityError beyond
+    tolerance. Returns (parity at img_size, flag summary, {"HxW": parity} for a dynamic-size export)."""
     from .parity import compare
     from .runtime import OrtRunner, run_batched
 
     if not req.validate:
         log.info("[4/4] validation skipped (--skip-validation)")
-        return None, None
+        return None, None, {}
     t0 = time.perf_counter()
+    runner = OrtRunner(onnx_path)
     # one image at a time: ONNX Runtime's activation buffers for a batch of 4 would add ~0.1 GB to the
     # ViT-L peak, which is this step's (the weights are already ONNX Runtime's)
-    parity = compare(ref.outputs, run_batched(OrtRunner(onnx_path), ref.inputs, batch=1))
+    sizes = {f"{h}x{w}": compare(y, run_batched(runner, x, batch=1)) for (h, w), (x, y) in ref.by_size.items()}
+    parity = sizes.get(f"{req.img_size}x{req.img_size}") or compare(ref.outputs, run_batched(runner, ref.inputs, batch=1))
     flagged, text = _flag_summary(ref.flag_stats)
     what = "ITAE reference" if req.itae is not None else "model"
     log.info(f"[4/4] ONNX Runtime vs PyTorch {what} on {req.validate_batch} random images: {parity}{text} "
              f"({time.perf_counter() - t0:.1f} s)")
-    if not parity.ok():
+    for size, p in sizes.items():
+        log.info(f"      at {size}: {p}")
+    bad = {size: p for size, p in sizes.items() if not p.ok()}
+    if not parity.ok() or bad:
         other = "torchscript" if req.exporter == "dynamo" else "dynamo"
-        raise ParityError(f"parity check failed ({parity}); nothing was written; re-run with --exporter {other} "
-                          "or report a bug")
-    return parity, flagged
+        where = f" at {', '.join(bad)}" if bad else ""
+        raise ParityError(f"parity check failed{where} ({next(iter(bad.values()), parity)}); nothing was written; "
+                          f"re-run with --exporter {other} or report a bug")
+    return parity, flagged, {size: p.to_dict() for size, p in sizes.items()}
 
 
 def _flag_summary(stats: dict | None) -> tuple[dict | None, str]:
@@ -423,7 +457,7 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, li
     del model
     release_memory()
     pass_result = apply_pass(staged, req, num_prefix)
-    parity, flagged = validate_graph(staged, ref, req)
+    parity, flagged, parity_sizes = validate_graph(staged, ref, req)
     ref = apply_deploy_options(staged, ref, req)
     fp32_staged = txn.stage_path(req.fp32_out) if req.fp32_out is not None else None
     fast = make_fast_path(staged, fp32_staged, ref, req) if fp32_staged is not None else None
@@ -436,6 +470,8 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, li
     run = RunInfo(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
                   itae=req.itae.to_dict() if req.itae is not None else None, exporter=req.exporter,
                   parity=parity.to_dict() if parity is not None else {}, flagged=flagged,
+                  dynamic_size=req.dynamic_size.to_metadata() if req.dynamic_size is not None else None,
+                  parity_sizes=parity_sizes,
                   pass_result=pass_result, fast_path=fast, reference_inputs=ref.inputs,
                   reference_outputs=ref.outputs)
     return run, files

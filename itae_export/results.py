@@ -28,6 +28,8 @@ class RunInfo:
     fast_path: dict | None = None
     reference_inputs: np.ndarray | None = field(default=None, repr=False)
     reference_outputs: np.ndarray | None = field(default=None, repr=False)
+    dynamic_size: dict | None = None  # {"min", "max", "multiple"} of a dynamic-size graph
+    parity_sizes: dict = field(default_factory=dict)  # "HxW" -> parity figures (dynamic-size exports)
 
     def to_dict(self) -> dict[str, Any]:
         """The provenance record (no arrays) written into sidecars and Triton provenance files."""
@@ -41,6 +43,8 @@ class RunInfo:
             "flagged": self.flagged,
             "pass": self.pass_result.to_dict() if self.pass_result is not None else None,
             "fast_path": self.fast_path,
+            "dynamic_size": self.dynamic_size,
+            "parity_onnxruntime_by_size": self.parity_sizes,
         }
 
 

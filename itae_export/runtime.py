@@ -3,6 +3,7 @@ PyTorch, ONNX Runtime and TensorRT."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -48,7 +49,28 @@ class OrtRunner:
     def run(self, x: np.ndarray) -> np.ndarray:
         if self._np_type is not None and x.dtype == np.float32:
             x = x.astype(self._np_type)
-        return self.session.run([self.output_name], {self.input.name: x})[0]
+        try:
+            return self.session.run([self.output_name], {self.input.name: x})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            refusal = size_refusal(str(e), x.shape)
+            if refusal is None:
+                raise
+            raise UsageError(refusal) from None
+
+
+_GATE = re.compile(r"size_check/height_and_width_must_be_multiples_of_(\d+)_from_(\d+)_to_(\d+)")
+
+
+def size_refusal(message: str, shape: tuple[int, ...]) -> str | None:
+    """The sentence for a dynamic-size graph's failed size check (graph_passes.size_check), or None
+    when the runtime's error is something else."""
+    m = _GATE.search(message)
+    if m is None:
+        return None
+    mult, lo, hi = (int(g) for g in m.groups())
+    got = "x".join(str(d) for d in shape[2:]) if len(shape) == 4 else str(list(shape))
+    return (f"the model takes heights and widths that are multiples of {mult} from {lo} to {hi} pixels, got "
+            f"{got}; resize or crop the images to such a size")
 
 
 def make_runner(backend: str, target) -> Runner:

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..dynamic_size import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, SizeBounds
 from ..errors import UsageError
 from ..pipeline import ENGINE_SUFFIXES, FAST_PATHS, INT8_WEIGHTS, ExportRequest
 from ..settings import EXPORTERS
@@ -35,6 +36,14 @@ def export_parser() -> argparse.ArgumentParser:
                    "become high-norm artifacts that ITAE flags (see docs/method.md); implies --random-weights")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-weights and the validation inputs")
     g.add_argument("--img-size", type=int, default=224, help="input size in pixels, a multiple of 14")
+    g.add_argument("--dynamic-size", action="store_true",
+                   help="one graph for any H x W (multiples of 14 within --min-size/--max-size, square or not), "
+                   "the position embedding interpolated in the graph by the official rule; --img-size is then the "
+                   "size it is tuned and checked at first (docs/dynamic-size.md)")
+    g.add_argument("--min-size", type=int, default=None, metavar="N",
+                   help=f"with --dynamic-size: smallest height/width in pixels (default {DEFAULT_MIN_SIZE})")
+    g.add_argument("--max-size", type=int, default=None, metavar="N",
+                   help=f"with --dynamic-size: largest height/width in pixels (default {DEFAULT_MAX_SIZE})")
     g.add_argument("--force", action="store_true", help="overwrite existing outputs")
     g.add_argument("--depth", type=int, help=argparse.SUPPRESS)  # reduced-depth random models for tests
     g = p.add_argument_group("export and validation")
@@ -66,6 +75,13 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         raise UsageError(f"--no-itae exports the baseline; drop {', '.join(given_itae_flags(args))} or --no-itae")
     if args.int8_weights is not None and args.fast_path != "int8":
         raise UsageError(f"--int8-weights applies to --fast-path int8 only (got --fast-path {args.fast_path})")
+    sizes = [f for f, v in (("--min-size", args.min_size), ("--max-size", args.max_size)) if v is not None]
+    if sizes and not args.dynamic_size:
+        raise UsageError(f"{' and '.join(sizes)} bound a --dynamic-size export; add --dynamic-size or drop them")
+    dynamic = None
+    if args.dynamic_size:
+        dynamic = SizeBounds(args.min_size if args.min_size is not None else DEFAULT_MIN_SIZE,
+                             args.max_size if args.max_size is not None else DEFAULT_MAX_SIZE)
     is_engine = Path(args.out).suffix in ENGINE_SUFFIXES
     if engine_flags_given(args) and not is_engine:
         raise UsageError(f"{', '.join(engine_flags_given(args))} apply to an .engine/.plan --out only; "
@@ -80,6 +96,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         engine=engine_options_from_args(args) if is_engine else None,
         triton=triton_options_from_args(args), depth=args.depth,
         settings=Path(args.settings) if args.settings else None, demo_artifacts=args.demo_artifacts,
+        dynamic_size=dynamic,
     )
 
 
