@@ -49,8 +49,8 @@ class Uint8InputResult:
     input_name: str  # the new uint8 graph input
     source_input: str  # the float input it replaces (now an internal tensor)
     batch: int | str  # static size or the symbolic name of the batch dim
-    height: int
-    width: int
+    height: int | str  # static size, or the symbolic name of a dynamic-size graph's dim
+    width: int | str
     graph_dtype: str  # float32 | float16 (the dtype the rest of the graph receives)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -198,8 +198,8 @@ def add_uint8_nhwc_input(
 ) -> tuple[onnx.ModelProto, Uint8InputResult]:
     """Return a copy of `model` whose image input is uint8 [B, H, W, 3] (RGB, 0..255).
 
-    The model must have one float32/float16 input [B, 3, H, W] with static H, W (B may be dynamic;
-    it is kept as is). `input_name` names the new input; by default it keeps the old input's name
+    The model must have one float32/float16 input [B, 3, H, W]; B, H and W may be dynamic (named
+    dims are kept as they are). `input_name` names the new input; by default it keeps the old input's name
     (the float tensor inside is renamed). Steps: match the input -> check it and the constants ->
     rewrite (prepend the nodes, swap the graph input) -> record in metadata.
     """
@@ -227,7 +227,7 @@ def add_uint8_nhwc_input(
 
 
 def _match_image_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, int, list]:
-    """The one float [B, 3, H, W] graph input with static H, W: (its value info, elem type, dims)."""
+    """The one float [B, 3, H, W] graph input, H and W static or named: (its value info, elem type, dims)."""
     if metadata_field(model, "uint8_nhwc_input") is not None:
         raise PreprocessPassError(
             f"the uint8 NHWC input was already added to this model (metadata key {UINT8_INPUT_KEY!r}); "
@@ -249,9 +249,10 @@ def _match_image_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, int
     if len(dims) != 4 or dims[1] != 3:
         raise PreprocessPassError(f"input {src.name!r} has shape {dims}; expected [B, 3, H, W] (NCHW RGB)")
     h, w = dims[2], dims[3]
-    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+    if not all((isinstance(d, int) and d > 0) or (isinstance(d, str) and d) for d in (h, w)):
         raise PreprocessPassError(
-            f"input {src.name!r} has shape {dims}; H and W must be static (export at a fixed image size)"
+            f"input {src.name!r} has shape {dims}; H and W must be sizes or named dims (a dynamic-size export "
+            "names them height and width)"
         )
     return src, elem, dims
 

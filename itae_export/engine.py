@@ -124,8 +124,14 @@ class EngineOptions:
     allow_tf32: bool = False
     precision_constraints: bool = True  # keep LayerNorm/Softmax/Reduce/itae/* in fp32 (fp16/bf16)
     builder: str = "auto"
+    # full input shapes (B, C, H, W) of the profile, trtexec's --minShapes/--optShapes/--maxShapes;
+    # None: the batch flags above with the ONNX's H and W (a dynamic-size ONNX: its recorded bounds)
+    min_shape: tuple[int, ...] | None = None
+    opt_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._check_shapes()
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
         for flag, value in (
@@ -157,6 +163,46 @@ class EngineOptions:
                 raise UsageError(f"--timing-cache {tc} is a directory; give a file path")
             object.__setattr__(self, "timing_cache", tc)
 
+    def _check_shapes(self) -> None:
+        given = {f: v for f, v in (("--min-shape", self.min_shape), ("--opt-shape", self.opt_shape),
+                                   ("--max-shape", self.max_shape)) if v is not None}
+        if not given:
+            return
+        if len(given) != 3:
+            raise UsageError("give all three of --min-shape, --opt-shape and --max-shape (trtexec's convention), "
+                             "or none")
+        for flag, shape in given.items():
+            if len(shape) != 4 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+                raise UsageError(f"{flag} must be four positive integers BxCxHxW, e.g. 1x3x224x224, got {shape!r}")
+        mn, opt, mx = self.min_shape, self.opt_shape, self.max_shape
+        assert mn is not None and opt is not None and mx is not None
+        if any(not a <= b <= c for a, b, c in zip(mn, opt, mx, strict=True)):
+            raise UsageError(f"the profile must satisfy min <= opt <= max in every dim, got "
+                             f"{_shape_text(mn)} / {_shape_text(opt)} / {_shape_text(mx)}")
+        batches = (mn[0], opt[0], mx[0])
+        defaults = (DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH)
+        flags = (self.min_batch, self.opt_batch, self.max_batch)
+        if flags != defaults and flags != batches:
+            raise UsageError("--min-shape/--opt-shape/--max-shape already set the batch; drop --min-batch/--opt-batch/"
+                             "--max-batch")
+        object.__setattr__(self, "min_batch", mn[0])
+        object.__setattr__(self, "opt_batch", opt[0])
+        object.__setattr__(self, "max_batch", mx[0])
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def parse_shape(text: str, flag: str) -> tuple[int, ...]:
+    """trtexec's shape spec "1x3x224x224", optionally "name:1x3x224x224" -> (1, 3, 224, 224)."""
+    body = text.rsplit(":", 1)[-1]
+    try:
+        return tuple(int(d) for d in body.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give BxCxHxW, e.g. 8x3x224x224") from None
+
+
 # --------------------------------------------------------------------------------------------
 # (b) profile shapes from the ONNX input
 # --------------------------------------------------------------------------------------------
@@ -164,10 +210,16 @@ class EngineOptions:
 class InputSpec:
     name: str
     channels: int
-    height: int
-    width: int
+    height: int | None  # None: dynamic (a --dynamic-size export; `sizes` bounds it)
+    width: int | None
     batch: int | str | None  # fixed batch, symbolic name, or None (unknown)
     output_names: tuple[str, ...] = ()
+    sizes: dict | None = None  # the recorded {"min", "max", "multiple"} of a dynamic-size ONNX
+    opt_size: int | None = None  # the recorded img_size: the profile's default opt H and W
+
+    @property
+    def dynamic_hw(self) -> bool:
+        return self.height is None or self.width is None
 
 
 def _load_onnx_header(onnx_path: Path):
@@ -196,14 +248,23 @@ def read_input_spec(onnx_path: str | Path) -> InputSpec:
     dims = vi.type.tensor_type.shape.dim
     if len(dims) != 4:
         raise EngineError(f"input {vi.name!r} of {onnx_path} has rank {len(dims)}; expected [B,C,H,W]")
-    chw = []
+    from graph_passes import metadata as md
+
+    chw: list[int | None] = []
     for axis, d in zip("CHW", dims[1:], strict=True):
-        if not d.HasField("dim_value") or d.dim_value <= 0:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            chw.append(int(d.dim_value))
+        elif axis == "C":
+            raise EngineError(f"input {vi.name!r} of {onnx_path} has a dynamic channel dimension; expected [B,3,H,W]")
+        else:
+            chw.append(None)
+    sizes = opt = None
+    if None in chw:
+        sizes, opt = md.metadata_field(model, "dynamic_size"), md.metadata_field(model, "img_size")
+        if sizes is None:
             raise EngineError(
-                f"input {vi.name!r} of {onnx_path} has a dynamic {axis} dimension; export with a fixed image size "
-                "(--img-size) so the engine profile can be built"
-            )
-        chw.append(int(d.dim_value))
+                f"input {vi.name!r} of {onnx_path} has a dynamic H or W but no recorded size bounds; export with "
+                "itae-export --dynamic-size (or a fixed --img-size) so the engine profile can be built")
     b = dims[0]
     batch: int | str | None
     if b.HasField("dim_value") and b.dim_value > 0:
@@ -213,22 +274,51 @@ def read_input_spec(onnx_path: str | Path) -> InputSpec:
     else:
         batch = None
     outs = tuple(o.name for o in model.graph.output)
-    return InputSpec(vi.name, chw[0], chw[1], chw[2], batch, outs)
+    assert chw[0] is not None
+    return InputSpec(vi.name, chw[0], chw[1], chw[2], batch, outs, sizes=sizes, opt_size=opt)  # type: ignore[arg-type]
 
 
 def profile_shapes(spec: InputSpec, options: EngineOptions) -> dict[str, tuple[int, int, int, int]]:
-    """min/opt/max input shapes for the optimization profile (trtexec convention)."""
+    """min/opt/max input shapes for the optimization profile (trtexec convention): the options'
+    full shapes, else the batch flags with the ONNX's H and W (dynamic: the recorded bounds, opt at
+    the recorded img_size). Checked against the ONNX: fixed dims must match, dynamic H and W must be
+    multiples of the patch size within the recorded bounds."""
     if isinstance(spec.batch, int) and not (options.min_batch == options.opt_batch == options.max_batch == spec.batch):
         raise UsageError(
             f"the ONNX input {spec.name!r} has a fixed batch of {spec.batch}; pass --min-batch/--opt-batch/--max-batch "
             f"{spec.batch} or re-export with a dynamic batch"
         )
-    chw = (spec.channels, spec.height, spec.width)
-    return {
-        "min": (options.min_batch, *chw),
-        "opt": (options.opt_batch, *chw),
-        "max": (options.max_batch, *chw),
-    }
+    shapes: dict[str, tuple[int, ...]]
+    if options.min_shape is not None and options.opt_shape is not None and options.max_shape is not None:
+        shapes = {"min": options.min_shape, "opt": options.opt_shape, "max": options.max_shape}
+    elif spec.height is not None and spec.width is not None:
+        chw = (spec.channels, spec.height, spec.width)
+        shapes = {"min": (options.min_batch, *chw), "opt": (options.opt_batch, *chw), "max": (options.max_batch, *chw)}
+    else:
+        sizes = spec.sizes or {}
+        lo, hi = int(sizes["min"]), int(sizes["max"])
+        opt = spec.opt_size if spec.opt_size and lo <= spec.opt_size <= hi else lo
+        c = spec.channels
+        shapes = {"min": (options.min_batch, c, lo, lo), "opt": (options.opt_batch, c, opt, opt),
+                  "max": (options.max_batch, c, hi, hi)}
+    for key, shape in shapes.items():
+        _check_profile_shape(spec, key, shape)
+    return shapes  # type: ignore[return-value]
+
+
+def _check_profile_shape(spec: InputSpec, key: str, shape: tuple[int, ...]) -> None:
+    flag = f"--{key}-shape"
+    fixed = {1: spec.channels, 2: spec.height, 3: spec.width}
+    for axis, want in fixed.items():
+        if want is not None and shape[axis] != want:
+            raise UsageError(f"{flag} {_shape_text(shape)}: the ONNX input {spec.name!r} has a fixed "
+                             f"{'CHW'[axis - 1]} of {want}; use {want} there (or export with --dynamic-size)")
+    if spec.dynamic_hw and spec.sizes:
+        lo, hi, mult = int(spec.sizes["min"]), int(spec.sizes["max"]), int(spec.sizes.get("multiple", 14))
+        for s in shape[2:]:
+            if not lo <= s <= hi or s % mult:
+                raise UsageError(f"{flag} {_shape_text(shape)}: the ONNX takes heights and widths that are "
+                                 f"multiples of {mult} from {lo} to {hi}")
 
 
 def fp32_onnx_nodes(onnx_path: str | Path) -> list[dict[str, Any]]:
@@ -381,8 +471,8 @@ def build_script_text(
         "# Needs an NVIDIA GPU and TensorRT 10.x trtexec (an NGC container nvcr.io/nvidia/tensorrt:<yy.mm>-py3",
         '# has it at /usr/src/tensorrt/bin/trtexec; or pip install -e ".[trt]" and set TRTEXEC=...).',
         "# Engines are specific to the GPU model and TensorRT version they were built with.",
-        f"# Input {spec.name}: batch profile min/opt/max = {shapes['min'][0]}/{shapes['opt'][0]}/{shapes['max'][0]}, "
-        f"C,H,W = {spec.channels},{spec.height},{spec.width}; workspace {options.workspace_mib} MiB.",
+        f"# Input {spec.name}: profile min/opt/max = {_shape_text(shapes['min'])} / {_shape_text(shapes['opt'])} / "
+        f"{_shape_text(shapes['max'])} (BxCxHxW); workspace {options.workspace_mib} MiB.",
     ]
     if precision in ("fp16", "bf16"):
         lines += [
@@ -997,8 +1087,13 @@ def _engine_parity(engine_path: Path, spec: InputSpec, result: EngineBuildResult
     ref_in = np.asarray(run.reference_inputs)
     x = ref_in if ref_in.dtype == np.uint8 else ref_in.astype(np.float32)
     figures = compare(np.asarray(run.reference_outputs), run_batched(runner, x, options.max_batch)).to_dict()
+    ok = parity_ok(figures, result.precision)
+    by_size = {}
+    for size, (xs, ys) in run.reference_by_size.items():  # a dynamic-size engine: every validated size
+        by_size[size] = compare(np.asarray(ys), run_batched(runner, np.asarray(xs, np.float32), options.max_batch)).to_dict()
+        ok = ok and parity_ok(by_size[size], result.precision)
     return {**figures, "runner": runner_name, "batch": int(len(ref_in)), "reference": "pytorch",
-            "tolerance": PARITY_TOLERANCES[result.precision], "ok": parity_ok(figures, result.precision)}
+            "tolerance": PARITY_TOLERANCES[result.precision], "ok": ok, **({"by_size": by_size} if by_size else {})}
 
 
 def _find_builders(options: EngineOptions) -> tuple[Any, str | None, str | None]:

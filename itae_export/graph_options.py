@@ -155,10 +155,12 @@ def reference_batch(
 
 
 def verify_graph_options(
-    onnx_before: str | Path, onnx_after: str | Path, *, batch: int = 2, seed: int = 0
+    onnx_before: str | Path, onnx_after: str | Path, *, batch: int = 2, seed: int = 0,
+    size: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """ONNX Runtime check that `onnx_after` == `onnx_before` fed the same pixels normalised in NumPy
-    (float64) and, if applied, L2-normalised in NumPy. Returns max_abs and cos_min."""
+    (float64) and, if applied, L2-normalised in NumPy. Returns max_abs and cos_min. `size`: the
+    (H, W) to feed a dynamic-size graph (default 224 x 224)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -173,14 +175,17 @@ def verify_graph_options(
     s_after = ort.InferenceSession(str(onnx_after), providers=providers)
     rng = np.random.default_rng(seed)
     i_after = s_after.get_inputs()[0]
+    dyn_h, dyn_w = size or (224, 224)
     if UINT8_INPUT_KEY in done:
         rec = done[UINT8_INPUT_KEY]
-        h, w = rec["height"], rec["width"]
+        h = rec["height"] if isinstance(rec["height"], int) else dyn_h
+        w = rec["width"] if isinstance(rec["width"], int) else dyn_w
         px = rng.integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
         x_before = normalise_pixels(px, rec["mean"], rec["std"], np.float64)
         x_after = px
     else:
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in s_before.get_inputs()[0].shape]
+        default = [batch, 3, dyn_h, dyn_w]
+        shape = [d if isinstance(d, int) and d > 0 else default[k] for k, d in enumerate(s_before.get_inputs()[0].shape)]
         x_before = rng.normal(size=shape)
         x_after = None
     dt = np.float16 if "float16" in s_before.get_inputs()[0].type else np.float32

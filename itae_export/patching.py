@@ -34,6 +34,25 @@ def static_image_size(model) -> int | None:
     return None
 
 
+def input_description(model) -> dict:
+    """The image input's name and dims (ints, or the names of dynamic dims) and, for a dynamic-size
+    export, its recorded H/W bounds."""
+    from graph_passes.metadata import metadata_field
+
+    if not model.graph.input:
+        return {}
+    vi = model.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+    out: dict = {"input": {"name": vi.name, "dims": dims}}
+    try:
+        sizes = metadata_field(model, "dynamic_size")
+    except ValueError:  # malformed metadata: the dims say enough here
+        sizes = None
+    if sizes is not None:
+        out["dynamic_size"] = sizes
+    return out
+
+
 def _check_num_prefix(num_prefix_tokens: int | None) -> None:
     if num_prefix_tokens is None:
         return
@@ -142,7 +161,8 @@ def inspect(path: str | Path, *, itae: ITAEConfig | None = None, num_prefix_toke
     _check_num_prefix(num_prefix_tokens)
     model = load_onnx_checked(p)
     cfg = itae if itae is not None else ITAEConfig()
-    report: dict = {"opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
+    report: dict = {"opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+                    **input_description(model)}
     try:
         patched = already_patched(model)
         report["already_patched"] = patched or False

@@ -141,6 +141,9 @@ class ExportRequest:
             raise UsageError(f"{flag} cannot be combined with --input-format uint8-nhwc / --l2-normalize yet")
         if self.itae is None or not self.validate:
             raise UsageError(f"{flag} needs the ITAE model and its validation; drop --no-itae/--skip-validation")
+        if self.fast_path == "fused" and self.dynamic_size is not None:
+            raise UsageError("--fast-path fused needs a fixed token count to prove the attention layout; with "
+                             "--dynamic-size use --fast-path int8 or no fast path")
 
     @property
     def is_engine(self) -> bool:
@@ -367,7 +370,7 @@ def apply_deploy_options(onnx_path: Path, ref: Reference, req: ExportRequest) ->
     new = Path(apply_graph_options(onnx_path, tmp, req.graph_options))
     if new == onnx_path:
         return ref
-    fig = verify_graph_options(onnx_path, new)
+    fig = verify_graph_options(onnx_path, new, size=(req.img_size, req.img_size))
     log.info(f"      graph options: ONNX Runtime vs NumPy preprocessing: cosine min {fig['cos_min']:.7f}, "
              f"max abs diff {fig['max_abs']:.2e}")
     if fig["cos_min"] < 0.99999:
@@ -376,7 +379,7 @@ def apply_deploy_options(onnx_path: Path, ref: Reference, req: ExportRequest) ->
 
     move_model(new, onnx_path)
     assert ref.deploy is not None
-    return Reference(ref.deploy[0], ref.deploy[1], ref.flag_stats)
+    return Reference(ref.deploy[0], ref.deploy[1], ref.flag_stats)  # by_size: float inputs, which the graph no longer takes
 
 
 def make_fast_path(onnx_path: Path, fp32_staged: Path, ref: Reference, req: ExportRequest) -> dict | None:
@@ -473,7 +476,8 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, li
                   dynamic_size=req.dynamic_size.to_metadata() if req.dynamic_size is not None else None,
                   parity_sizes=parity_sizes,
                   pass_result=pass_result, fast_path=fast, reference_inputs=ref.inputs,
-                  reference_outputs=ref.outputs)
+                  reference_outputs=ref.outputs,
+                  reference_by_size={f"{h}x{w}": xy for (h, w), xy in ref.by_size.items()})
     return run, files
 
 

@@ -30,6 +30,8 @@ class RunInfo:
     reference_outputs: np.ndarray | None = field(default=None, repr=False)
     dynamic_size: dict | None = None  # {"min", "max", "multiple"} of a dynamic-size graph
     parity_sizes: dict = field(default_factory=dict)  # "HxW" -> parity figures (dynamic-size exports)
+    # "HxW" -> (inputs, PyTorch outputs) of each validated size of a dynamic-size export (float inputs)
+    reference_by_size: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The provenance record (no arrays) written into sidecars and Triton provenance files."""

@@ -539,7 +539,7 @@ def _read_engine(src: Path, opts: GraphOptions, meta: dict[str, Any] | None, com
         s.l2_applied = _has_l2(engine_md)
     if meta is None and sidecar is not None:
         raw = info["raw"]
-        s.meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
+        s.meta = {k: raw[k] for k in ("model", "img_size", "itae", "dynamic_size") if k in raw}
     if info.get("precision"):
         comments.append(f"TensorRT precision: {info['precision']}")
     if s.cc:
@@ -596,8 +596,12 @@ def _resolve_max_batch(s: _Source, max_batch: int | None) -> int:
                     f"{s.path}: {t.name!r} has shape {list(t.shape)}, no dynamic batch dim; re-export with a "
                     "dynamic batch or pass --max-batch 0"
                 )
+    sizes = (s.meta or {}).get("dynamic_size")
     for t in s.inputs:
-        if -1 in t.shape[1:]:
+        if -1 in t.shape[1:] and sizes:
+            s.notes.append(f"input {t.name!r} {list(t.shape)} takes any height and width that are multiples of "
+                           f"{sizes.get('multiple', 14)} from {sizes['min']} to {sizes['max']} (dynamic-size export)")
+        elif -1 in t.shape[1:]:
             s.notes.append(
                 f"input {t.name!r} has dynamic non-batch dims {list(t.shape)}; clients must send a fixed size"
             )
@@ -610,6 +614,10 @@ def _describe_model(s: _Source) -> list[str]:
     if meta:
         if meta.get("model"):
             comments.append(f"model: {meta['model']}, img_size {meta.get('img_size')}")
+        if meta.get("dynamic_size"):
+            d = meta["dynamic_size"]
+            comments.append(f"dynamic size: height and width multiples of {d.get('multiple', 14)} from {d.get('min')} "
+                            f"to {d.get('max')}")
         if "itae" in meta:
             comments.append("ITAE: " + (json.dumps(meta["itae"], sort_keys=True) if meta["itae"] else "off"))
     fmt = (
@@ -878,12 +886,12 @@ def meta_from_model(path: Path) -> dict[str, Any]:
             meta["onnx_metadata"] = md.metadata_dict(proto)
             art = md.read_metadata(proto)
             if art.model:
-                meta.update(model=art.model, img_size=art.img_size, itae=art.itae)
+                meta.update(model=art.model, img_size=art.img_size, itae=art.itae, dynamic_size=art.dynamic_size)
             if art.fast_path:
                 meta["fast_path"] = art.fast_path
         elif (sidecar := find_engine_sidecar(path)) is not None:
             raw = json.loads(sidecar.read_text())
-            meta = {k: raw[k] for k in ("model", "img_size", "itae") if k in raw}
+            meta = {k: raw[k] for k in ("model", "img_size", "itae", "dynamic_size") if k in raw}
     except (OSError, ValueError, DecodeError):  # PassError (bad metadata) is a ValueError
         return {}  # unreadable: write_triton_repo reports the file itself
     return meta

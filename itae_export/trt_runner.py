@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # checked against tensorrt-stubs by tools/typecheck_tensorrt.
     import tensorrt
 
 from .errors import EngineError
+from .settings import PATCH_SIZE as PATCH
 
 INSTALL_HINT = 'pip install -e ".[trt]" on a machine with an NVIDIA GPU, or use an NGC TensorRT container'
 _PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -168,6 +169,7 @@ class TrtRunner:
         self.input_name = self.inputs[0]
         mn, _, mx = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = int(mn[0]), int(mx[0])
+        self.dynamic_hw = len(mn) == 4 and (int(mn[2]), int(mn[3])) != (int(mx[2]), int(mx[3]))
         self._mem = _device_memory()
 
     def _np_dtype(self, name: str) -> np.dtype:
@@ -181,6 +183,10 @@ class TrtRunner:
         if n < self.min_batch:  # pad up to the profile minimum, drop the padding afterwards
             x = np.concatenate([x, np.zeros((self.min_batch - n, *x.shape[1:]), dtype=x.dtype)])
         x = x.astype(self._np_dtype(self.input_name), copy=False)
+        if self.dynamic_hw and (x.shape[2] % PATCH or x.shape[3] % PATCH):
+            # TensorRT would floor the patch grid silently; the official model refuses such sizes
+            raise EngineError(f"input {x.shape[2]}x{x.shape[3]}: the engine takes heights and widths that are "
+                              f"multiples of {PATCH}; resize or crop the images")
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise EngineError(f"input shape {tuple(x.shape)} is outside the profile of {self.engine_path}")
         mem = self._mem

@@ -14,9 +14,10 @@ from ..engine import (
     PRECISIONS,
     SCRIPT_NAME,
     EngineOptions,
+    parse_shape,
 )
 
-_ENGINE_DESTS = ("precision", "min_batch", "opt_batch", "workspace", "timing_cache", "strongly_typed",
+_ENGINE_DESTS = ("precision", "min_batch", "opt_batch", "min_shape", "opt_shape", "max_shape", "workspace", "timing_cache", "strongly_typed",
                  "allow_tf32", "no_precision_constraints", "engine_builder")
 
 
@@ -33,6 +34,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=None,
                    help=f"largest batch of the engine profile (default {DEFAULT_MAX_BATCH}); with --triton-repo also "
                    "Triton's max_batch_size (default: the engine's profile max, else 8; 0: no batching)")
+    for key, example in (("min", "1x3x112x112"), ("opt", "8x3x224x224"), ("max", "32x3x518x518")):
+        g.add_argument(f"--{key}-shape", default=None, metavar="BxCxHxW",
+                       help=f"{key} input shape of the profile, trtexec's convention (e.g. {example}); all three or "
+                       "none. Default: the batch flags with the ONNX's H and W (--dynamic-size: its --min-size, "
+                       "--img-size and --max-size)")
     g.add_argument("--workspace", type=int, default=None, metavar="MIB",
                    help=f"builder workspace memory pool in MiB (default {DEFAULT_WORKSPACE_MIB})")
     g.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
@@ -67,4 +73,6 @@ def engine_options_from_args(args: argparse.Namespace) -> EngineOptions:
         allow_tf32=bool(args.allow_tf32),
         precision_constraints=not args.no_precision_constraints,
         builder=get("engine_builder", "auto"),
+        **{f"{k}_shape": parse_shape(getattr(args, f"{k}_shape"), f"--{k}-shape")
+           for k in ("min", "opt", "max") if getattr(args, f"{k}_shape", None)},
     )

@@ -50,16 +50,31 @@ def inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size_text(rep: dict) -> str:
+    """"224", or the dynamic dims and their bounds."""
+    if rep.get("img_size"):
+        return str(rep["img_size"])
+    inp = rep.get("input") or {}
+    text = "dynamic"
+    if inp:
+        text += f" (input {inp['name']} [{', '.join(str(d) for d in inp['dims'])}]"
+        d = rep.get("dynamic_size")
+        if d:
+            text += f"; H and W multiples of {d.get('multiple', 14)} from {d.get('min')} to {d.get('max')}"
+        text += ")"
+    return text
+
+
 def format_inspection(path: str, rep: dict) -> list[str]:
     if rep["already_patched"]:
         ap = rep["already_patched"]
         where = ap if isinstance(ap, str) else json.dumps(ap, sort_keys=True)
-        return [f"{path}: already patched: {where}", f"  opset {rep['opset']}, image size {rep['img_size'] or 'dynamic'}"]
+        return [f"{path}: already patched: {where}", f"  opset {rep['opset']}, image size {_size_text(rep)}"]
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(rep["would_insert"].items()))
     lines = [
         f"{path}: opset {rep['opset']}, {rep['attention_blocks']} attention blocks",
         f"  embedding size: {rep.get('embed_dim', 'unknown')}, heads: {rep.get('num_heads', 'unknown')}, "
-        f"image size: {rep['img_size'] or 'dynamic'}",
+        f"image size: {_size_text(rep)}",
         f"  prefix tokens: {rep['num_prefix_tokens']} (registers: {rep.get('registers', 'unknown')})",
         f"  final attention: Softmax {rep['softmax']}, QK MatMul {rep['qk_matmul']}, PV MatMul {rep['pv_matmul']}",
         f"  q/k/v: {rep['qkv_projection']} projection {sorted(set(rep['projections'].values()))}; "
