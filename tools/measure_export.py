@@ -6,6 +6,7 @@ Each step runs as a child of a fresh wrapper process, so ru_maxrss of the childr
 of that one step. Prints a table and writes JSON. Not a test: numbers depend on the machine.
 
     python tools/measure_export.py --model dinov2_vitl14 --out-dir build/measure
+    python tools/measure_export.py --model dinov2_vitl14 --dynamic   # + the --dynamic-size export
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> int:
     p.add_argument("--out-dir", default="build/measure")
     p.add_argument("--json", default=None, help="where to write the JSON (default OUT_DIR/measure_export.json)")
     p.add_argument("--keep", action="store_true", help="keep the ONNX files")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also measure the --dynamic-size export (112-518 px, parity at its four sizes)")
     args = p.parse_args()
     out = fresh_dir(args.out_dir)
     exe = shutil.which("itae-export") or "itae-export"
@@ -83,6 +86,9 @@ def main() -> int:
         [exe, *common, "--skip-validation", "--out", str(out / "itae_novalid.onnx")])
     rows["export + ITAE pass + ONNX Runtime parity (default)"] = measure(
         [exe, *common, "--out", str(out / "itae.onnx")])
+    if args.dynamic:
+        rows["export --dynamic-size + ITAE pass + parity at 4 sizes"] = measure(
+            [exe, *common, "--dynamic-size", "--out", str(out / "itae_dynamic.onnx")])
     rows["itae-patch on the baseline (weights not loaded)"] = measure(
         [patch, str(out / "base.onnx"), "--out", str(out / "patched.onnx"), "--check", "no"])
     data_files = sorted(f.name for f in out.iterdir() if f.suffix == ".data")
