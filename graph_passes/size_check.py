@@ -9,12 +9,14 @@ index and names the node, and the node's name is the sentence the user needs:
       hw % multiple == 0  And  hw >= min  And  hw <= max  -> ok [2]
       Cast(float) -> ReduceMin -> Sub(1, .) -> Cast(int64) -> index (0 | 1)
       Gather([1], index)  name "size_check/height_and_width_must_be_multiples_of_<m>_from_<min>_to_<max>"
+      Mul(., Where(ok, 1, NaN)) -> gate (1, or NaN for a runtime that does not check the index)
     pixel_values --Mul(gate)--> every former consumer of pixel_values
 
 Matched by structure from the anchor (the graph's one image input of rank 4 with a symbolic H or W);
 a graph that already has the gate (an input consumer Mul fed by a Gather of a one-element constant
-indexed through Sub/ReduceMin) is refused. TensorRT does not raise on an out-of-range Gather index:
-there the optimization profile's min/max bounds the size (docs/dynamic-size.md).
+indexed through Sub/ReduceMin) is refused. TensorRT does not check Gather indices: there the
+optimization profile bounds the size, and a size inside it that is not a multiple of the patch size
+makes every output NaN (the Where gate) instead of a silently cropped result.
 """
 
 from __future__ import annotations
@@ -69,14 +71,17 @@ def _image_input(model: onnx.ModelProto, ix: GraphIndex) -> onnx.ValueInfoProto:
 
 
 def has_size_check(model: onnx.ModelProto, ix: GraphIndex | None = None) -> bool:
-    """True when a consumer Mul of the image input takes a Gather of a one-element constant whose
-    index comes from Cast(Sub(.., ReduceMin(..))): the gate this pass inserts, whatever it is named."""
+    """True when a consumer Mul of the image input takes (through a Mul) a Gather of a one-element
+    constant whose index comes from Cast(Sub(.., ReduceMin(..))): the gate this pass inserts,
+    whatever it is named."""
     ix = ix or GraphIndex(model)
     for name in ix.graph_inputs:
         for node in ix.consumers.get(name, []):
             if node.op_type != "Mul":
                 continue
-            for other in node.input:
+            feeds = [i for i in node.input if i != name]
+            feeds += [j for i in feeds if (p := ix.producer.get(i)) is not None and p.op_type == "Mul" for j in p.input]
+            for other in feeds:
                 g = ix.producer.get(other)
                 if g is None or g.op_type != "Gather" or len(g.input) < 2:
                     continue
@@ -121,7 +126,12 @@ def add_size_check(model: onnx.ModelProto, *, lo: int, hi: int, multiple: int) -
     ftype = _FLOAT_TYPES[vi.type.tensor_type.elem_type]
     b.nodes.append(onnx.helper.make_node("Gather", [b.const("gate_value", np.array([1], ftype)), index], [gate],
                                          name=gate, axis=0))
-    checked = b.op("Mul", [vi.name, gate], "checked_input")
+    # runtimes that do not check Gather indices (TensorRT) get NaN embeddings for a bad size instead
+    nan_gate = b.op("Where", [b.op("Cast", [all_ok], "all_ok_bool", to=TensorProto.BOOL),
+                              b.const("one_f", np.array(1, ftype)), b.const("nan", np.array(np.nan, ftype))],
+                    "nan_unless_ok")
+    both = b.op("Mul", [gate, nan_gate], "gate")
+    checked = b.op("Mul", [vi.name, both], "checked_input")
     consumers = [n for n in out.graph.node]  # rewire the existing consumers only, then insert the gate
     for node in consumers:
         for k, name in enumerate(node.input):

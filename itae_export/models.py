@@ -3,9 +3,11 @@ computes at the chosen image size.
 
 timm resamples the position embedding once at load time (bicubic, antialias on, by size); the
 official code interpolates on the fly (plain models: by scale factor with a 0.1 offset, antialias
-off; `_reg` models: by size, antialias on). We keep the 37x37 source grid, run the official
-interpolation once at build time and bake the result as a constant buffer, so the exported graph
-holds no bicubic resize (which also sidesteps exporter failures on antialiased upsampling).
+off; `_reg` models: by size, antialias on). We keep the 37x37 source grid. A fixed-size model runs
+the official interpolation once at build time and bakes the result as a constant buffer; a
+dynamic-size export computes the same rule in the graph as matrix products (pos_embed.py,
+docs/dynamic-size.md). Neither holds a bicubic Resize (which also sidesteps exporter failures on
+antialiased upsampling and TensorRT's missing antialias).
 
 Weights: the official `.pth`, timm's `model.safetensors`, or a Hugging Face transformers checkpoint
 (`facebook/dinov2[-with-registers]-<size>` folder, read into the official layout by hf_weights).

@@ -51,6 +51,7 @@ log = logging.getLogger("itae_export")
 ENGINE_SUFFIXES = (".engine", ".plan")
 FAST_PATHS = ("none", "fused", "int8")
 INT8_WEIGHTS = ("per-channel", "per-tensor")
+TENSORRT_MAX_TOPK = 3840  # ITopKLayer's largest k (TensorRT 10 API documentation)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,17 @@ class ExportRequest:
             raise UsageError(f"itae must be an ITAEConfig or None, got {type(self.itae).__name__}")
         self._check_outputs()
         self._check_fast_path()
+        self._check_engine_topk()
+
+    def _check_engine_topk(self) -> None:
+        """TensorRT's TopK takes k <= 3840 (ITopKLayer); the median threshold's k is half the patches + 1."""
+        cfg = self.itae
+        if not self.is_engine or cfg is None or cfg.threshold is not None or cfg.relative_stat != "median":
+            return
+        side = (self.dynamic_size.max_size if self.dynamic_size is not None else self.img_size) // 14
+        if side * side // 2 + 1 > TENSORRT_MAX_TOPK:
+            raise UsageError(f"the median threshold at {side * 14} px needs TopK with k = {side * side // 2 + 1}, above "
+                             f"TensorRT's limit of {TENSORRT_MAX_TOPK}; use --relative-stat mean, or a size up to 1218 px")
 
     def _check_outputs(self) -> None:
         from .engine import EngineOptions

@@ -282,3 +282,22 @@ def test_uint8_nhwc_input_on_a_dynamic_graph(exported_dynamic, tmp_path):
         want = s_f.run(None, {"pixel_values": normalise_pixels(px, IMAGENET_MEAN, IMAGENET_STD)})[0]
         got = s_u8.run(None, {s_u8.get_inputs()[0].name: px})[0]
         assert np.abs(got - want).max() < 1e-4
+
+
+def test_a_runtime_that_does_not_check_gather_indices_gets_nan(dynamic_exports, tmp_path):
+    """TensorRT does not check Gather indices: simulate it by giving the gate's constant a second
+    entry, so index 1 is in range; a bad size must then give NaN, never a cropped result."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    _, path = dynamic_exports[("plain", "torchscript")]
+    m = onnx.load(str(path))
+    gate = next(n for n in m.graph.node if n.name.startswith("size_check/height_and_width_must_be"))
+    init = next(t for t in m.graph.initializer if t.name == gate.input[0])
+    init.CopyFrom(numpy_helper.from_array(np.array([1.0, 1.0], np.float32), init.name))
+    out = tmp_path / "unchecked.onnx"
+    onnx.save(m, str(out))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    good = sess.run(None, {"pixel_values": np.zeros((1, 3, 112, 112), np.float32)})[0]
+    bad = sess.run(None, {"pixel_values": np.zeros((1, 3, 230, 224), np.float32)})[0]
+    assert np.isfinite(good).all() and np.isnan(bad).all()
