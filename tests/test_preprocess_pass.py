@@ -142,8 +142,13 @@ def test_uint8_refusals() -> None:
     new, _ = add_uint8_nhwc_input(tiny_model())
     with pytest.raises(PreprocessPassError, match="already"):
         add_uint8_nhwc_input(new)
-    with pytest.raises(PreprocessPassError, match="static"):
-        add_uint8_nhwc_input(tiny_model(hw=("h", "w")))
+    named, rec = add_uint8_nhwc_input(tiny_model(hw=("h", "w")))  # dynamic-size graphs: the names are kept
+    assert (rec.height, rec.width) == ("h", "w")
+    assert [d.dim_param or d.dim_value for d in named.graph.input[0].type.tensor_type.shape.dim][1:] == ["h", "w", 3]
+    unknown = tiny_model()
+    unknown.graph.input[0].type.tensor_type.shape.dim[2].ClearField("dim_value")  # neither a size nor a name
+    with pytest.raises(PreprocessPassError, match="must be sizes or named dims"):
+        add_uint8_nhwc_input(unknown)
     m = tiny_model()
     m.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
     with pytest.raises(PreprocessPassError, match="INT64"):

@@ -545,10 +545,10 @@ def test_provenance_leaves_out_arrays(tmp_path: Path) -> None:
 def test_graph_option_refusals_name_the_flag(tmp_path: Path) -> None:
     src = save_tiny(tmp_path / "m.onnx", batch="batch")
     m = onnx.load(str(src), load_external_data=False)
-    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"  # dynamic H: no uint8 input possible
+    m.graph.input[0].type.tensor_type.shape.dim[2].ClearField("dim_value")  # unknown H: no uint8 input possible
     bad = tmp_path / "dyn.onnx"
     onnx.save(m, bad)
-    with pytest.raises(UsageError, match=r"^--input-format uint8-nhwc: .*static"):
+    with pytest.raises(UsageError, match=r"^--input-format uint8-nhwc: .*named dims"):
         apply_graph_options(bad, tmp_path / "o.onnx", GraphOptions("uint8-nhwc"))
     m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
     onnx.save(m, bad)
