@@ -238,6 +238,7 @@ class Artifact:
     flag_tensor: str | None = None
     input_name: str | None = None
     input_float16: bool = False
+    dynamic_size: dict | None = None  # {"min", "max", "multiple"} of a --dynamic-size export
     fixed_batch: int | None = None
     engine_batch: int | None = None
     sidecar: dict | None = None
@@ -338,7 +339,7 @@ def _read_onnx(path: Path, kind: str, label: str, prov: dict | None, flag: str) 
     art = Artifact(path=path, kind=kind, label=label, proto=proto, model=meta.model, img_size=meta.img_size,
                    num_prefix_tokens=meta.num_prefix_tokens, weights=meta.weights, itae=meta.itae,
                    fast_path=meta.fast_path, uint8=meta.uint8_nhwc_input, l2=meta.l2_normalize,
-                   has_metadata=meta.model is not None)
+                   has_metadata=meta.model is not None, dynamic_size=meta.dynamic_size)
     sha = meta.extra.get(WEIGHTS_SHA256_KEY)
     art.weights_sha256 = sha.lower() if sha else _sha_in(meta.weights)
     if prov is not None:
@@ -794,8 +795,11 @@ def make_subject(art: Artifact, want_flags: bool):
 
 
 # --------------------------------------------------------------------------------------- reference
-def pytorch_reference(art: Artifact, plan: Plan, inputs: Inputs, *, input_seed: int, want_flags: bool):
-    """(embeddings, ITAE flags [N, 1|H, T] or None) of the PyTorch model built as the export built it."""
+def pytorch_reference(art: Artifact, plan: Plan, inputs: Inputs, *, input_seed: int, want_flags: bool,
+                      extra: dict[str, np.ndarray] | None = None):
+    """(embeddings, ITAE flags [N, 1|H, T] or None, {size: embeddings} of `extra`) of the PyTorch model
+    built as the export built it. `extra`: float inputs at other sizes (a dynamic-size artifact; the
+    model then interpolates its position embedding per input, as the official code does)."""
     import torch
 
     from .graph_options import GraphOptions, reference_batch
@@ -814,6 +818,8 @@ def pytorch_reference(art: Artifact, plan: Plan, inputs: Inputs, *, input_seed: 
 
             model = build_model(plan.model, weights=w.path, random_weights=w.kind == "random", seed=w.seed,
                                 img_size=plan.img_size, depth=plan.depth)
+        if art.dynamic_size is not None:
+            model.pos_mode = "official"
         reference = (ITAEReference(model, plan.itae) if plan.itae is not None else model).eval()
 
         def run(a: np.ndarray) -> np.ndarray:
@@ -845,7 +851,10 @@ def pytorch_reference(art: Artifact, plan: Plan, inputs: Inputs, *, input_seed: 
             parts = [last_block_stats(model, torch.from_numpy(x[i:i + RUN_BATCH]), plan.itae)["flagged"]
                      for i in range(0, len(x), RUN_BATCH)]
             flags = np.concatenate(parts).astype(bool)
-    return np.asarray(out, dtype=np.float32), flags
+        sized = {k: run_batched(run, v, RUN_BATCH) for k, v in (extra or {}).items()}
+        if art.l2 is not None:
+            sized = {k: l2_normalise(v) for k, v in sized.items()}
+    return np.asarray(out, dtype=np.float32), flags, sized
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -992,6 +1001,7 @@ def run_validation(req: ValidateRequest) -> ValidationReport:
 
         require_torch()
     got, got_flags = subject.run(inputs)
+    extra: dict[str, np.ndarray] = {}
     if reference_runner is not None:
         assert other is not None
         ref, ref_flags = reference_runner.run(inputs)
@@ -1000,8 +1010,9 @@ def run_validation(req: ValidateRequest) -> ValidationReport:
             notes.append("one artifact L2-normalises its output: both compared as unit vectors")
         reference = str(other.label)
     else:
-        ref, ref_flags = pytorch_reference(art, plan, inputs, input_seed=req.input_seed,
-                                           want_flags=got_flags is not None)
+        extra = _other_sizes(art, plan, req, notes)
+        ref, ref_flags, ref_sized = pytorch_reference(art, plan, inputs, input_seed=req.input_seed,
+                                                      want_flags=got_flags is not None, extra=extra)
         reference = "pytorch"
     report = ValidationReport(
         artifact=art.label, kind=art.kind, reference=reference, model=plan.model, img_size=plan.img_size,
@@ -1010,8 +1021,42 @@ def run_validation(req: ValidateRequest) -> ValidationReport:
         images=len(inputs), notes=notes + art.notes + (other.notes if other is not None else []))
     report.figures["itae"] = plan.itae.to_dict() if plan.itae is not None else None
     _compare_into(report, ref, got, ref_flags, got_flags, plan, inputs, tol, req, art)
+    if other is None and extra:
+        _compare_sizes(report, subject, extra, ref_sized, tol)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _other_sizes(art: Artifact, plan: Plan, req: ValidateRequest, notes: list[str]) -> dict[str, np.ndarray]:
+    """Random float inputs at a dynamic-size artifact's other validation sizes (min, non-square, max:
+    dynamic_size.SizeBounds.validation_sizes), keyed "HxW"; none for fixed-size or uint8 artifacts."""
+    from .dynamic_size import SizeBounds
+
+    if art.dynamic_size is None or plan.img_size is None:
+        return {}
+    if art.takes_uint8:
+        notes.append("dynamic-size uint8 artifact: checked at its img_size only")
+        return {}
+    bounds = SizeBounds.from_metadata(art.dynamic_size)
+    n = max(1, min(4, req.n_random))
+    rng = np.random.default_rng(req.input_seed + 1)
+    return {f"{h}x{w}": rng.standard_normal((n, 3, h, w)).astype(np.float32)
+            for h, w in bounds.validation_sizes(plan.img_size) if (h, w) != (plan.img_size, plan.img_size)}
+
+
+def _compare_sizes(report: ValidationReport, subject, extra: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+                   tol: dict) -> None:
+    """max_abs / cos_min checks at each other size of a dynamic-size artifact (figures under by_size)."""
+    from .parity import compare
+
+    by_size = report.figures.setdefault("by_size", {})
+    for size, x in extra.items():
+        names = [f"random[{i}]@{size}" for i in range(len(x))]
+        got, _ = subject.run(Inputs(x, None, names, f"random normal inputs at {size}", random=True))
+        parity = compare(ref[size], got)
+        by_size[size] = parity.to_dict()
+        report.checks.append(_limit_check(f"max_abs@{size}", parity.max_abs, tol.get("max_abs"), "<="))
+        report.checks.append(_limit_check(f"cos_min@{size}", parity.cos_min, tol.get("cos_min"), ">="))
 
 
 def _plan_against(art: Artifact, other: Artifact, req: ValidateRequest, notes: list[str]) -> Plan:

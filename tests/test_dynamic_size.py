@@ -301,3 +301,36 @@ def test_a_runtime_that_does_not_check_gather_indices_gets_nan(dynamic_exports, 
     good = sess.run(None, {"pixel_values": np.zeros((1, 3, 112, 112), np.float32)})[0]
     bad = sess.run(None, {"pixel_values": np.zeros((1, 3, 230, 224), np.float32)})[0]
     assert np.isfinite(good).all() and np.isnan(bad).all()
+
+
+def test_itae_validate_checks_every_size_of_a_dynamic_artifact(exported_dynamic):
+    import itae_export
+
+    report = itae_export.validate(exported_dynamic.onnx, random_weights=True)
+    names = {c.name for c in report.checks}
+    assert {"max_abs@112x112", "cos_min@168x252", "max_abs@252x252"} <= names
+    assert report.passed, str(report)
+    assert set(report.figures["by_size"]) == {"112x112", "168x252", "252x252"}
+
+
+def test_itae_validate_catches_the_wrong_interpolation_rule(tmp_path, monkeypatch):
+    """A plain model exported with the size-based (antialiased) rule: itae-validate, which uses the
+    official call, must fail it."""
+    import itae_export
+    import itae_export.models as models
+    from graph_passes import metadata as md
+    from itae_export.onnx_export import export_onnx
+
+    real = models.interpolate_in_graph
+    model = models.build_model("dinov2_vits14", random_weights=True, seed=0, depth=1, img_size=224)
+    monkeypatch.setattr(models, "interpolate_in_graph", lambda p, gh, gw, registers: real(p, gh, gw, registers=True))
+    path = export_onnx(model, tmp_path / "wrong.onnx", img_size=224, exporter="torchscript", dynamic_size=BOUNDS)
+    monkeypatch.undo()
+    m = onnx.load(str(path))
+    md.set_metadata_props(m, md.export_metadata(model="dinov2_vits14", img_size=224, num_prefix_tokens=1,
+                                                exporter="torchscript", weights="random(seed=0)",
+                                                dynamic_size=BOUNDS.to_metadata()))
+    onnx.save(m, str(path))
+    report = itae_export.validate(path, random_weights=True)
+    assert not report.passed
+    assert "max_abs@112x112" in {c.name for c in report.failed}
