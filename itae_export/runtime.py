@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import UsageError
 
-BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 
 
 class Runner(Protocol):
@@ -53,7 +53,7 @@ class OrtRunner:
 
 def make_runner(backend: str, target) -> Runner:
     """target: an nn.Module for "torch", an ONNX path for the ONNX Runtime backends, an engine path
-    for "tensorrt"."""
+    for "tensorrt", an OpenVINO IR .xml for "openvino" (compiled with its sidecar's compile_config)."""
     if backend == "torch":
         return TorchRunner(target)
     if backend == "onnxruntime":
@@ -69,6 +69,10 @@ def make_runner(backend: str, target) -> Runner:
         from .trt_runner import TrtRunner
 
         return TrtRunner(target)
+    if backend == "openvino":
+        from .ov_runner import OpenVinoRunner
+
+        return OpenVinoRunner(target)
     raise UsageError(f"--backend {backend!r} is not valid; choose one of {', '.join(BACKENDS)}")
 
 
