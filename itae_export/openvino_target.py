@@ -9,7 +9,9 @@ accuracy report (itae_export.fastpath.accuracy_report). The IR, its sidecar mode
 Precisions
 ----------
 * fp32: compiled with INFERENCE_PRECISION_HINT=f32 (OpenVINO's CPU default is bf16 on CPUs that
-  have it, so an fp32 IR says so explicitly).
+  have it, so an fp32 IR says so explicitly), and every layer carries the keep-precision attribute
+  below, so the IR stays fp32 where the hint cannot be given (Triton's OpenVINO backend knows
+  HINT_BF16=YES but no f32 hint).
 * bf16: compiled with INFERENCE_PRECISION_HINT=bf16, and *f32 islands* in the IR: every layer of the
   ITAE subgraph, of the final transformer block (graph_passes.final_block) and every LayerNorm and
   Softmax carries the runtime attribute DisablePrecisionConversion (value "dynamic:f16,bf16"), which
@@ -228,9 +230,10 @@ def convert_to_ir(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, img_siz
         model = quantize_int8(model, x, final)
         info["calibration"] = {"images": int(len(x)), "source": str(opts.calibration_data or "digits (bundled)"),
                                "seconds": time.perf_counter() - tq}
+    if opts.precision == "fp32":  # all of it: fp32 whatever the server's hint (Triton cannot set f32)
+        keep = {o.get_friendly_name() for o in model.get_ordered_ops()}
     ov.save_model(model, str(xml_out), compress_to_fp16=False)
-    if opts.precision != "fp32":
-        info["f32_layers"] = mark_f32_islands(xml_out, keep)
+    info["f32_layers"] = mark_f32_islands(xml_out, keep)
     info["convert_seconds"] = time.perf_counter() - t0
     return info
 
