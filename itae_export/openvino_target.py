@@ -51,12 +51,15 @@ OV_SUFFIX = ".xml"
 CALIBRATION_IMAGES = 32
 KEEP_ATTRIBUTE = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16,bf16"}
 F32_ONNX_OPS = ("LayerNormalization", "Softmax")
-# The export refuses to write an IR below these (cosine to the fp32 PyTorch ITAE reference, minimum
-# over the validation images and over the digits; the centred cosine on the digits for int8).
+# The export refuses to write an IR below these: the minimum cosine to the fp32 PyTorch ITAE reference
+# over the validation images (random normal pixels) and over the digits, and for int8 the centred
+# cosine on the digits. int8 is held to its bound on in-distribution images (the digits, the default
+# calibration set); the random validation images lie outside any calibration range, so they get a
+# looser bound that still catches a broken quantization.
 GATES: dict[str, dict[str, float]] = {
-    "fp32": {"cos_min": 0.99999},
-    "bf16": {"cos_min": 0.9999},
-    "int8": {"cos_min": 0.999, "centered_cos_min": 0.9},
+    "fp32": {"validation_cos_min": 0.99999, "digits_cos_min": 0.99999},
+    "bf16": {"validation_cos_min": 0.9999, "digits_cos_min": 0.9999},
+    "int8": {"validation_cos_min": 0.99, "digits_cos_min": 0.999, "digits_centered_cos_min": 0.9},
 }
 
 
@@ -208,6 +211,7 @@ def quantize_int8(model, x_calib: np.ndarray, ignored: set[str]):
         import nncf
     except ImportError as e:
         raise MissingDependencyError(f"int8 needs NNCF ({e}); run {INSTALL_HINT}") from e
+    nncf.set_log_level(logging.WARNING)  # its INFO lines list every node it leaves out; the scope is ours
     data = nncf.Dataset([x_calib[i : i + 1] for i in range(len(x_calib))])
     scope = nncf.IgnoredScope(names=sorted(ignored), patterns=["itae/.*"], validate=False)
     return nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, ignored_scope=scope,
@@ -241,14 +245,10 @@ def convert_to_ir(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, img_siz
 # ------------------------------------------------------------------------------------ accuracy gate
 def gate_failures(report: dict[str, Any], precision: str) -> list[str]:
     """Which gate figures the report misses (empty: the IR may be written)."""
-    gate, v, d = GATES[precision], report["validation"], report["digits"]
-    misses = []
-    for where, fig in (("validation", v), ("digits", d)):
-        if not fig["cos_min"] >= gate["cos_min"]:
-            misses.append(f"{where} cosine min {fig['cos_min']:.6f} < {gate['cos_min']}")
-    if "centered_cos_min" in gate and not d["centered_cos_min"] >= gate["centered_cos_min"]:
-        misses.append(f"digits centred cosine min {d['centered_cos_min']:.4f} < {gate['centered_cos_min']}")
-    return misses
+    figures = {"validation_cos_min": report["validation"]["cos_min"], "digits_cos_min": report["digits"]["cos_min"],
+               "digits_centered_cos_min": report["digits"]["centered_cos_min"]}
+    return [f"{key.replace('_', ' ')} {figures[key]:.6f} < {bound}" for key, bound in GATES[precision].items()
+            if not figures[key] >= bound]
 
 
 def ir_accuracy(xml: Path, ref, precision: str) -> dict[str, Any]:
