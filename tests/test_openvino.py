@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import openvino as ov  # a test dependency: .[test] installs the [openvino] extra)
 import pytest
 from PIL import Image
 
@@ -14,8 +15,6 @@ import itae_export
 from itae_export import openvino_target as ovt
 from itae_export.errors import DataError, ParityError, UsageError
 from itae_export.runtime import OrtRunner
-
-ov = pytest.importorskip("openvino")  # a core test dependency (.[test]); skipped only where it is absent
 
 IMG = 56
 MODEL = dict(demo_artifacts=True, depth=2, img_size=IMG, fast_path_eval_images=10)
