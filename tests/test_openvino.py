@@ -215,3 +215,13 @@ def test_ir_without_bin_refused(irs, tmp_path, capsys):
     (other / "m.bin").write_bytes(b"\0" * 16)
     with pytest.raises(itae_export.errors.ModelError, match="belongs to another export"):
         OpenVinoRunner(other / "m.xml")
+
+
+def test_itae_validate_reads_the_ir(irs, tmp_path):
+    from itae_export.cli.validate_cmd import validate_main
+
+    rep = itae_export.validate(irs["bf16"].request.out, demo_artifacts=True, n_random=4)
+    assert rep and rep.precision == "openvino-bf16" and rep.kind == "openvino"
+    lone = tmp_path / "lone.xml"
+    lone.write_bytes(irs["bf16"].request.out.read_bytes())
+    assert validate_main([str(lone), "--demo-artifacts"]) == 2
