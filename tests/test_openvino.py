@@ -225,3 +225,16 @@ def test_itae_validate_reads_the_ir(irs, tmp_path):
     lone = tmp_path / "lone.xml"
     lone.write_bytes(irs["bf16"].request.out.read_bytes())
     assert validate_main([str(lone), "--demo-artifacts"]) == 2
+
+
+def test_island_sets(irs):
+    import onnx
+
+    xml = irs["bf16"].request.out
+    model = ov.convert_model(str(xml.with_suffix(".onnx")))
+    islands = ovt.f32_island_names(model, onnx.load(str(xml.with_suffix(".onnx")), load_external_data=False))
+    types = {o.get_friendly_name(): o.get_type_name() for o in model.get_ordered_ops()}
+    assert {n for n, t in types.items() if n.startswith("itae/") and t != "Constant"} <= islands.core
+    assert {n for n, t in types.items() if t in ("MVN", "Softmax")} <= islands.core  # every block's
+    assert sum(types[n] == "MatMul" for n in islands.final_block) >= 4  # qkv, QK, PV, proj, fc1, fc2 (some fused)
+    assert any(t == "MatMul" and n not in islands.bf16_keep for n, t in types.items())  # earlier blocks: bf16
