@@ -114,7 +114,6 @@ class ExportRequest:
         if self.out.suffix not in ENGINE_SUFFIXES + (".onnx", OV_SUFFIX):
             raise UsageError(f"--out {self.out}: use a .onnx path, .engine/.plan to build a TensorRT engine, or .xml "
                              "for OpenVINO IR")
-        self._check_openvino()
         if self.is_engine and self.engine is None:
             object.__setattr__(self, "engine", EngineOptions())
         if not self.is_engine and self.engine is not None:
@@ -124,6 +123,7 @@ class ExportRequest:
             raise UsageError(f"engine must be an EngineOptions, got {type(self.engine).__name__}")
         if not isinstance(self.graph_options, GraphOptions):
             raise UsageError(f"graph_options must be a GraphOptions, got {type(self.graph_options).__name__}")
+        self._check_openvino()
 
     def _check_openvino(self) -> None:
         from .openvino_target import OpenVinoOptions

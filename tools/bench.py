@@ -10,6 +10,8 @@ Prints a table and writes JSON (--out). Not a test: numbers depend on the machin
     python tools/bench.py --out bench.json
     python tools/bench.py --models dinov2_vits14 --batches 1,8 --repeats 3
     python tools/bench.py --smoke          # tiny depth-2 model, seconds; checks the script runs
+    python tools/bench.py --cpu-race --threads 2 --out race.json   # every CPU path + the OpenVINO peers
+                                                                   # and matmul peaks (tools/bench_cpu.py)
 """
 
 from __future__ import annotations
