@@ -2,8 +2,9 @@
 properties its sidecar `model.xml.json` records: OpenVinoRunner(xml).run(x) -> np.ndarray.
 
 Reading an IR checks what OpenVINO would otherwise report obscurely: the .xml exists, its .bin
-weights file lies beside it, and, when the sidecar records the .bin's size, that size matches (a
-.bin from another export beside this .xml is refused)."""
+weights file lies beside it, and, where the sidecar records them, the .bin's size and the .xml's
+SHA-256 match (files of two exports mixed, e.g. by a kill between the renames of an overwrite,
+are refused)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .errors import MissingDependencyError, ModelError, UsageError
 INSTALL_HINT = "pip install 'itae-export[openvino]' (the openvino and nncf wheels)"
 SIDECAR_SUFFIX = ".json"
 MAX_SIDECAR_BYTES = 4 << 20
+MAX_XML_HASH_BYTES = 64 << 20  # the graph file (weights are in the .bin): hashed to match its sidecar
 
 
 def import_openvino():
@@ -61,11 +63,17 @@ def check_ir_files(xml_path: str | Path, flag: str = "--openvino") -> tuple[Path
     if not weights.is_file():
         raise UsageError(f"{flag} {xml}: its weights file {weights.name} is missing beside it; copy the .xml and "
                          "the .bin together, or re-export")
-    side = read_sidecar(xml)
-    want = ((side or {}).get("ir") or {}).get("bin_bytes")
+    ir = ((read_sidecar(xml) or {}).get("ir") or {})
+    want = ir.get("bin_bytes")
     if isinstance(want, int) and weights.stat().st_size != want:
         raise ModelError(f"{flag} {xml}: {weights.name} has {weights.stat().st_size} bytes but the sidecar "
                          f"{sidecar_path(xml).name} records {want}: the .bin belongs to another export; re-export")
+    if isinstance(ir.get("xml_sha256"), str) and xml.stat().st_size <= MAX_XML_HASH_BYTES:
+        from .hashing import sha256_file
+
+        if sha256_file(xml) != ir["xml_sha256"]:
+            raise ModelError(f"{flag} {xml} is not the .xml its sidecar {sidecar_path(xml).name} describes (another "
+                             "export, or one killed between its renames); re-export")
     return xml, weights
 
 

@@ -215,6 +215,11 @@ def test_ir_without_bin_refused(irs, tmp_path, capsys):
     (other / "m.bin").write_bytes(b"\0" * 16)
     with pytest.raises(itae_export.errors.ModelError, match="belongs to another export"):
         OpenVinoRunner(other / "m.xml")
+    (other / "m.bin").write_bytes(Path(str(src.with_suffix(".bin"))).read_bytes())
+    OpenVinoRunner(other / "m.xml")  # the matching files load
+    (other / "m.xml").write_bytes(irs["fp32"].request.out.read_bytes())  # another export's graph
+    with pytest.raises(itae_export.errors.ModelError, match="is not the .xml its sidecar"):
+        OpenVinoRunner(other / "m.xml")
 
 
 def test_itae_validate_reads_the_ir(irs, tmp_path):
