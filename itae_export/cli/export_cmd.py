@@ -56,7 +56,7 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-weights", choices=INT8_WEIGHTS, default=None,
                    help="with --fast-path int8: one weight scale per output column or per matrix (default per-channel)")
     g.add_argument("--fast-path-eval-images", type=int, default=200, metavar="N",
-                   help="sklearn digits images for the fast path's accuracy report")
+                   help="sklearn digits images for the accuracy report of the fast path or of an OpenVINO --out *.xml")
     add_engine_args(p)
     add_openvino_args(p)
     add_graph_option_args(p)
