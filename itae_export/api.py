@@ -49,11 +49,15 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
            fast_path: str = "none", int8_weights: str = "per-channel", fast_path_eval_images: int = 200,
            graph_options: GraphOptions | None = None, engine: Any = None, triton: Any = None,
            depth: int | None = None, settings: str | Path | None = None,
-           demo_artifacts: bool = False, dynamic_size: Any = None) -> ExportResult:
+           demo_artifacts: bool = False, dynamic_size: Any = None, precision: str | None = None,
+           calibration_data: str | Path | None = None, calibration_images: int | None = None) -> ExportResult:
     """Export `model` (a catalogue name, e.g. "dinov2_vitl14") to `out` (.onnx, or .engine/.plan)
     with ITAE in its final attention block (`itae=None`: the baseline), validated against PyTorch.
 
-    engine: an itae_export.engine.EngineOptions for engine outputs; triton: an
+    precision / calibration_data: for an OpenVINO IR output (out="model.xml"): fp32, bf16 (default)
+    or int8, and an ImageFolder to calibrate int8 on (default: the bundled digits) and how many of its
+    images (default 32); or pass
+    engine=EngineOptions(precision=...) for an engine. engine: an itae_export.engine.EngineOptions for engine outputs; triton: an
     itae_export.triton.TritonOptions to add the result to a Triton model repository; settings: a
     settings file (as itae-calibrate writes) to take the ITAE settings from when `itae` is not given.
     dynamic_size: an itae_export.SizeBounds (or True for the default 112-518 px) for one graph that
@@ -75,9 +79,27 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
         validate_batch=validate_batch, force=force, fast_path=fast_path, int8_weights=int8_weights,
         fast_path_eval_images=fast_path_eval_images, graph_options=graph_options or GraphOptions(),
         engine=engine, triton=triton, depth=depth, settings=Path(settings) if settings is not None else None,
-        demo_artifacts=demo_artifacts, dynamic_size=SizeBounds() if dynamic_size is True else (dynamic_size or None))
+        demo_artifacts=demo_artifacts, dynamic_size=SizeBounds() if dynamic_size is True else (dynamic_size or None),
+        openvino=_openvino_options(out, precision, calibration_data, calibration_images))
     require_torch()
     return run_export(req)
+
+
+def _openvino_options(out: str | Path, precision: str | None, calibration_data: str | Path | None,
+                      calibration_images: int | None):
+    """OpenVinoOptions for an .xml output; the options without one are refused by ExportRequest."""
+    from .errors import UsageError
+    from .openvino_target import OV_SUFFIX, OpenVinoOptions
+
+    if Path(out).suffix != OV_SUFFIX:
+        if precision is not None or calibration_data is not None or calibration_images is not None:
+            raise UsageError(f"precision/calibration_data/calibration_images apply to an OpenVINO out='*.xml' only, not {Path(out).name}; "
+                             "for an engine pass engine=EngineOptions(precision=...)")
+        return None
+    if calibration_images is not None and precision != "int8":
+        raise UsageError("calibration_images calibrates int8 only; pass precision='int8' or drop it")
+    return OpenVinoOptions(precision=precision, calibration_data=calibration_data,
+                           **({"calibration_images": calibration_images} if calibration_images is not None else {}))
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: Any = None, *, force: bool = False):

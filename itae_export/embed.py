@@ -160,6 +160,18 @@ def tensorrt_backend(engine_path: str | Path, *, name: str = "tensorrt", itae: d
     return Backend(name, "tensorrt", runner.run, {"backend": "tensorrt", "engine": file_digest(p)}, itae)
 
 
+def openvino_backend(xml_path: str | Path, *, name: str = "openvino", itae: dict | None = None) -> Backend:
+    """An OpenVINO IR on the CPU, compiled with its sidecar's compile_config (itae-export --out *.xml)."""
+    from .ov_runner import OpenVinoRunner, check_ir_files, read_sidecar
+
+    xml, weights = check_ir_files(xml_path)
+    runner = OpenVinoRunner(xml)
+    side = read_sidecar(xml) or {}
+    ident = {"backend": "openvino", "xml": file_digest(xml), "bin": file_digest(weights),
+             "compile_config": runner.compile_config, "precision": side.get("precision")}
+    return Backend(name, "openvino", runner.run, ident, itae)
+
+
 def cache_meta(backend: Backend, model: dict, preprocess, dataset) -> dict:
     """The exact description an embeddings cache entry must match."""
     return {

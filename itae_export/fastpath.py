@@ -270,13 +270,15 @@ def verdict(digits: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.ndarray, np.ndarray],
-                    fast_onnx: str | Path, inputs: np.ndarray,
+                    fast_onnx: str | Path | Callable[[np.ndarray], np.ndarray], inputs: np.ndarray,
                     digits: tuple[np.ndarray, np.ndarray], *, k: int = EVAL_K, seed: int = 0,
                     fast_path: str = FAST_PATH_VALUE) -> dict[str, Any]:
     """Accuracy of the fast model against the fp32 reference.
 
     reference: a function x -> embeddings (the PyTorch ITAE reference) or its precomputed outputs
-    (on `inputs`, on the digits images). inputs: the validation images. digits: (images, labels).
+    (on `inputs`, on the digits images). fast_onnx: the fast ONNX model (run on ONNX Runtime) or any
+    function x -> embeddings (an OpenVINO IR's runner). inputs: the validation images. digits:
+    (images, labels).
     Returns cosine statistics (itae_export.parity.compare) on both sets; on the digits also the
     centred cosine, the error relative to the spread between images, the k-means ARI figures of
     kmeans_agreement, each one's ARI to the digit labels, and a verdict against the targets.
@@ -290,8 +292,8 @@ def accuracy_report(reference: Callable[[np.ndarray], np.ndarray] | tuple[np.nda
         ref_val, ref_digits = run_batched(reference, inputs), run_batched(reference, dx)
     else:
         ref_val, ref_digits = reference
-    runner = OrtRunner(fast_onnx)
-    fast_val, fast_digits = run_batched(runner.run, inputs), run_batched(runner.run, dx)
+    run = fast_onnx if callable(fast_onnx) else OrtRunner(fast_onnx).run
+    fast_val, fast_digits = run_batched(run, inputs), run_batched(run, dx)
     parity = compare(ref_digits, fast_digits)
     agree = kmeans_agreement(ref_digits, fast_digits, k=k, seed=seed)
     cc = centered_cosine(np.asarray(ref_digits, np.float64), np.asarray(fast_digits, np.float64))

@@ -65,9 +65,22 @@ ONNX_TOLERANCES: dict[str, dict[str, float | None]] = {
 }
 
 
+# OpenVINO IRs (itae-export --out *.xml): the export's gates (openvino_target.GATES) on any images;
+# max abs only for fp32 (OpenVINO's kernels: 1.8e-6 measured on the tiny models); bf16 keeps ITAE and
+# the final block f32, so its flags agree with fp32 (identical on the planted test model)
+OPENVINO_TOLERANCES: dict[str, dict[str, float | None]] = {
+    "fp32": {"max_abs": 1e-3, "cos_min": 0.99999, "flag_agreement": 1.0},
+    "bf16": {"max_abs": None, "cos_min": 0.9999, "flag_agreement": 0.99},
+    "int8": {"max_abs": None, "cos_min": 0.99, "flag_agreement": 0.9},
+}
+
+
 def tolerance_for(precision: str) -> dict[str, float | None]:
-    """The tolerance of one precision: an ONNX kind (fp32, fused, int8, fp16) or an engine precision
-    ("engine-fp32", "engine-fp16", "engine-bf16": itae_export.engine.PARITY_TOLERANCES)."""
+    """The tolerance of one precision: an ONNX kind (fp32, fused, int8, fp16), an engine precision
+    ("engine-fp32", "engine-fp16", "engine-bf16": itae_export.engine.PARITY_TOLERANCES) or an OpenVINO
+    IR's ("openvino-fp32", "openvino-bf16", "openvino-int8")."""
+    if precision.startswith("openvino-"):
+        return dict(OPENVINO_TOLERANCES[precision.removeprefix("openvino-")])
     if precision.startswith("engine-"):
         from .engine import PARITY_TOLERANCES  # engine imports this module: import late
 

@@ -10,6 +10,7 @@
       -> make_fast_path         int8 / fused CPU model + its accuracy report
       -> commit                 one commit of every file (itae_export.outputs)
       -> build_engine_step      TensorRT engine + sidecar (its own transaction)
+      -> openvino_step          OpenVINO IR + sidecar for --out *.xml (its own transaction)
       -> deploy_triton_step     a new Triton model version
 
 Every step takes typed inputs and returns typed outputs; nothing here sees argparse.
@@ -35,6 +36,7 @@ from graph_passes.errors import PassError
 from .dynamic_size import SizeBounds
 from .errors import ParityError, UsageError, graph_error
 from .graph_options import GraphOptions
+from .openvino_target import OV_SUFFIX
 from .outputs import OutputTransaction
 from .results import ExportResult, RunInfo
 from .settings import (
@@ -80,6 +82,7 @@ class ExportRequest:
     settings: Path | None = None  # the settings file `itae` came from: an input, never overwritten
     demo_artifacts: bool = False  # the synthetic demo model (itae_export.demo): random weights + planted artifacts
     dynamic_size: SizeBounds | None = None  # any H x W within these bounds in one graph (img_size: the optimum)
+    openvino: Any = None  # OpenVinoOptions; defaults to OpenVinoOptions() for an .xml output
 
     def __post_init__(self) -> None:
         from .catalogue import CATALOGUE
@@ -127,8 +130,9 @@ class ExportRequest:
     def _check_outputs(self) -> None:
         from .engine import EngineOptions
 
-        if self.out.suffix not in ENGINE_SUFFIXES + (".onnx",):
-            raise UsageError(f"--out {self.out}: use a .onnx path, or .engine/.plan to build a TensorRT engine")
+        if self.out.suffix not in ENGINE_SUFFIXES + (".onnx", OV_SUFFIX):
+            raise UsageError(f"--out {self.out}: use a .onnx path, .engine/.plan to build a TensorRT engine, or .xml "
+                             "for OpenVINO IR")
         if self.is_engine and self.engine is None:
             object.__setattr__(self, "engine", EngineOptions())
         if not self.is_engine and self.engine is not None:
@@ -138,6 +142,21 @@ class ExportRequest:
             raise UsageError(f"engine must be an EngineOptions, got {type(self.engine).__name__}")
         if not isinstance(self.graph_options, GraphOptions):
             raise UsageError(f"graph_options must be a GraphOptions, got {type(self.graph_options).__name__}")
+        self._check_openvino()
+
+    def _check_openvino(self) -> None:
+        from .openvino_target import OpenVinoOptions
+
+        if self.is_openvino and self.openvino is None:
+            object.__setattr__(self, "openvino", OpenVinoOptions())
+        if not self.is_openvino and self.openvino is not None:
+            raise UsageError(f"OpenVINO options (--precision fp32|bf16|int8, --calibration-data) apply to an .xml "
+                             f"--out only, not {self.out.name}; drop them or write {self.out.with_suffix('.xml').name}")
+        if self.openvino is not None and not isinstance(self.openvino, OpenVinoOptions):
+            raise UsageError(f"openvino must be an OpenVinoOptions, got {type(self.openvino).__name__}")
+        if self.is_openvino and (self.fast_path != "none" or self.graph_options.any or not self.validate):
+            raise UsageError(f"--out {self.out.name} (OpenVINO IR) is a CPU path of its own: drop --fast-path, "
+                             "--input-format/--l2-normalize and --skip-validation")
 
     def _check_fast_path(self) -> None:
         check_choice(self.fast_path, "--fast-path", FAST_PATHS)
@@ -162,8 +181,12 @@ class ExportRequest:
         return self.out.suffix in ENGINE_SUFFIXES
 
     @property
+    def is_openvino(self) -> bool:
+        return self.out.suffix == OV_SUFFIX
+
+    @property
     def onnx_out(self) -> Path:
-        return self.out.with_suffix(".onnx") if self.is_engine else self.out
+        return self.out.with_suffix(".onnx") if self.is_engine or self.is_openvino else self.out
 
     @property
     def fp32_out(self) -> Path | None:
@@ -252,7 +275,7 @@ def reference_figures(model, req: ExportRequest) -> Reference:
 
         ref.deploy = reference_batch(req.graph_options, run, batch=req.validate_batch, height=req.img_size,
                                      width=req.img_size, seed=req.seed)
-    if req.fast_path != "none":
+    if req.fast_path != "none" or req.is_openvino:
         from .fastpath import digits_eval_inputs
 
         digits = digits_eval_inputs(req.img_size, req.fast_path_eval_images, seed=0)  # (images, labels)
@@ -428,6 +451,21 @@ def build_engine_step(req: ExportRequest, onnx_path: Path, run: RunInfo, txn: Ou
     return summary
 
 
+def openvino_transaction(req: ExportRequest) -> OutputTransaction:
+    from .openvino_target import ir_outputs
+
+    return OutputTransaction(req.out, extra=ir_outputs(req.out)[1:], inputs=req.inputs, force=req.force)
+
+
+def openvino_step(req: ExportRequest, staged_onnx: Path, ref: Reference, run: RunInfo,
+                  txn: OutputTransaction) -> dict:
+    from .openvino_target import build_ir_artifact
+
+    summary = build_ir_artifact(staged_onnx, req.out, req.openvino, ref, run, txn, onnx_final=req.onnx_out)
+    log.info(f"      OpenVINO {summary['precision']} IR: {summary['report_text']}")
+    return summary
+
+
 def deploy_triton_step(req: ExportRequest, model_path: Path, run: RunInfo):
     from .triton import deploy
 
@@ -450,10 +488,11 @@ def run_export(req: ExportRequest) -> ExportResult:
         if req.is_engine:
             engine_txn = stack.enter_context(
                 OutputTransaction(req.out, extra=[Path(str(req.out) + ".json")], inputs=req.inputs, force=req.force))
+        ov_txn = stack.enter_context(openvino_transaction(req)) if req.is_openvino else None
         txn = stack.enter_context(OutputTransaction(req.onnx_out, extra=extra, inputs=req.inputs, force=req.force))
-        run, files = _onnx_phase(req, txn)
+        run, files = _onnx_phase(req, txn, ov_txn)
         engine = build_engine_step(req, req.onnx_out, run, engine_txn) if engine_txn is not None else None
-    final = req.out if req.is_engine else req.onnx_out
+    final = req.out if req.is_engine or req.is_openvino else req.onnx_out
     triton = deploy_triton_step(req, final, run) if req.triton is not None else None
     result = ExportResult(request=req, run=run, files=files, engine=engine, triton=triton,
                           seconds=time.perf_counter() - t_start)
@@ -461,7 +500,8 @@ def run_export(req: ExportRequest) -> ExportResult:
     return result
 
 
-def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, list[Path]]:
+def _onnx_phase(req: ExportRequest, txn: OutputTransaction,
+                ov_txn: OutputTransaction | None = None) -> tuple[RunInfo, list[Path]]:
     import torch
 
     torch.set_grad_enabled(False)
@@ -478,10 +518,6 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, li
     fast = make_fast_path(staged, fp32_staged, ref, req) if fp32_staged is not None else None
     if req.is_engine:
         _stage_build_script(req, staged, txn)
-    txn.add(staged, req.onnx_out)
-    if fp32_staged is not None:
-        txn.add(fp32_staged, req.fp32_out)
-    files = txn.commit()
     run = RunInfo(model=req.model, img_size=req.img_size, num_prefix_tokens=num_prefix,
                   itae=req.itae.to_dict() if req.itae is not None else None, exporter=req.exporter,
                   parity=parity.to_dict() if parity is not None else {}, flagged=flagged,
@@ -490,6 +526,14 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction) -> tuple[RunInfo, li
                   pass_result=pass_result, fast_path=fast, reference_inputs=ref.inputs,
                   reference_outputs=ref.outputs,
                   reference_by_size={f"{h}x{w}": xy for (h, w), xy in ref.by_size.items()})
+    if ov_txn is not None:  # built and gated before anything is committed
+        run.openvino = openvino_step(req, staged, ref, run, ov_txn)
+    txn.add(staged, req.onnx_out)
+    if fp32_staged is not None:
+        txn.add(fp32_staged, req.fp32_out)
+    files = txn.commit()
+    if ov_txn is not None:
+        files += ov_txn.commit()
     return run, files
 
 

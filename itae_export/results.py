@@ -26,6 +26,7 @@ class RunInfo:
     flagged: dict | None = None  # tokens flagged on the validation images and the CLS attention they got
     pass_result: Any = None  # graph_passes.itae.PassResult
     fast_path: dict | None = None
+    openvino: dict | None = None  # the OpenVINO IR's summary (precision, sidecar, accuracy) for an .xml output
     reference_inputs: np.ndarray | None = field(default=None, repr=False)
     reference_outputs: np.ndarray | None = field(default=None, repr=False)
     dynamic_size: dict | None = None  # {"min", "max", "multiple"} of a dynamic-size graph
@@ -47,6 +48,7 @@ class RunInfo:
             "fast_path": self.fast_path,
             "dynamic_size": self.dynamic_size,
             "parity_onnxruntime_by_size": self.parity_sizes,
+            **({"openvino": self.openvino} if self.openvino is not None else {}),
         }
 
 
@@ -80,6 +82,8 @@ class ExportResult:
         req = self.request
         data = [f for f in self.files if f.suffix == ".data"]
         text = f"wrote {req.onnx_out}"
+        if self.run.openvino is not None:
+            text = f"wrote {req.out} ({self.run.openvino['precision']} OpenVINO IR + .bin + sidecar) from {req.onnx_out}"
         if req.fast_path != "none":
             text += f" ({req.fast_path} fast path) and the fp32 model {req.fp32_out}"
         if data:

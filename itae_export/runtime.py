@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import UsageError
 
-BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-trt", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "ort-cuda", "ort-trt", "tensorrt", "openvino")
 
 
 class Runner(Protocol):
@@ -75,7 +75,7 @@ def size_refusal(message: str, shape: tuple[int, ...]) -> str | None:
 
 def make_runner(backend: str, target) -> Runner:
     """target: an nn.Module for "torch", an ONNX path for the ONNX Runtime backends, an engine path
-    for "tensorrt"."""
+    for "tensorrt", an OpenVINO IR .xml for "openvino" (compiled with its sidecar's compile_config)."""
     if backend == "torch":
         return TorchRunner(target)
     if backend == "onnxruntime":
@@ -91,6 +91,10 @@ def make_runner(backend: str, target) -> Runner:
         from .trt_runner import TrtRunner
 
         return TrtRunner(target)
+    if backend == "openvino":
+        from .ov_runner import OpenVinoRunner
+
+        return OpenVinoRunner(target)
     raise UsageError(f"--backend {backend!r} is not valid; choose one of {', '.join(BACKENDS)}")
 
 

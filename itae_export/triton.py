@@ -5,6 +5,7 @@ Layout written (https://github.com/triton-inference-server/server, docs/user_gui
     REPO/NAME/config.pbtxt
     REPO/NAME/<version>/model.onnx (+ its external .data file(s))   platform onnxruntime_onnx
     REPO/NAME/<version>/model.plan (a TensorRT engine)               platform tensorrt_plan
+    REPO/NAME/<version>/model.xml + model.bin (OpenVINO IR)          backend openvino (triton_openvino)
     REPO/NAME/<version>/itae_export.json                             provenance (ignored by Triton)
 
 Input/output names, types and dims come from the model itself (ONNX graph, or the engine's JSON
@@ -38,11 +39,11 @@ from .hashing import sha256_file
 from .jsonable import jsonable
 from .outputs import CLAIM_PREFIX, OutputTransaction
 
-PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
+PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "openvino")  # "openvino" is written as backend: "openvino"
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
 DEFAULT_MAX_BATCH = 8
 PROVENANCE_FILE = "itae_export.json"
-_MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+_MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "openvino": "model.xml"}
 _ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 _CONFIG_WAIT_S = 120.0  # how long to wait for a concurrent writer of config.pbtxt
 _MAX_VERSION_SKIPS = 100
@@ -318,11 +319,12 @@ def render_config(
     instance_count: int = 1,
     compute_capability: str | None = None,
     comments: Sequence[str] = (),
+    parameters: dict[str, str] | None = None,
 ) -> str:
     lines = [f"# {c}" for c in comments]
     lines += [
         f"name: {_q(model_name)}",
-        f"platform: {_q(platform)}",
+        f"backend: {_q(platform)}" if platform == "openvino" else f"platform: {_q(platform)}",
         f"max_batch_size: {max_batch}",
     ]
     lines += _tensor_block("input", inputs, max_batch)
@@ -344,6 +346,10 @@ def render_config(
             f"# TensorRT plan built for compute capability {compute_capability}; other GPUs need their own plan",
             f'cc_model_filenames {{ key: {_q(compute_capability)} value: "model.plan" }}',
         ]
+    if parameters:
+        from .triton_openvino import parameter_lines
+
+        lines += parameter_lines(parameters)
     return "\n".join(lines) + "\n"
 
 
@@ -372,7 +378,7 @@ def _config_io(cfg, kind: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {t.name: (pb2.DataType.Name(t.data_type), tuple(t.dims)) for t in getattr(cfg, kind)}
 
 
-_BACKEND_OF = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+_BACKEND_OF = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "openvino": "openvino"}
 
 
 def _incompatibilities(cfg, platform: str, max_batch: int, ins, outs) -> list[str]:
@@ -409,6 +415,8 @@ def _platform_for(path: Path, platform: str | None) -> str:
         if path.suffix == ".onnx"
         else "tensorrt_plan"
         if path.suffix in _ENGINE_SUFFIXES
+        else "openvino"
+        if path.suffix == ".xml"
         else None
     )
     if platform is None:
@@ -440,6 +448,7 @@ class _Source:
     engine_max: int | None = None  # engine: the optimization profile's max batch
     cc: str | None = None  # engine: compute capability it was built for
     l2_applied: bool = False
+    parameters: dict[str, str] = field(default_factory=dict)  # OpenVINO: the backend's parameters
     comments: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -495,7 +504,8 @@ def write_triton_repo(
 def _check_repo_args(src: Path, model_name: str, instance_kind: str, instance_count: int,
                      max_batch: int | None) -> None:
     if not src.is_file():
-        raise UsageError(f"{src} does not exist; pass an .onnx file or a TensorRT engine (.plan/.engine)")
+        raise UsageError(f"{src} does not exist; pass an .onnx file, a TensorRT engine (.plan/.engine) or an "
+                         "OpenVINO IR (.xml)")
     if not _NAME_RE.match(model_name or ""):
         raise UsageError(
             f"--model-name {model_name!r}: use letters, digits, '_', '-', '.' (a directory name)"
@@ -521,6 +531,12 @@ def _read_source(src: Path, platform: str, opts: GraphOptions, instance_kind: st
             proto, record = apply_graph_options_proto(proto, opts)
         ins, outs = _onnx_specs(proto)
         return _Source(src, platform, ins, outs, meta, proto=proto, record=record, comments=comments)
+    if platform == "openvino":
+        from .triton_openvino import read_ir_source
+
+        if opts.any:
+            raise UsageError("--input-format/--l2-normalize cannot be applied to an OpenVINO IR; export it without them")
+        return _Source(src, platform, comments=comments, **read_ir_source(src, instance_kind, meta, comments))
     if instance_kind != "KIND_GPU":
         raise UsageError("--instance-kind KIND_CPU: a TensorRT plan runs on a GPU only; use KIND_GPU")
     return _read_engine(src, opts, meta, comments)
@@ -639,6 +655,7 @@ def _render_checked(s: _Source, model_name: str, max_batch: int, instance_kind: 
     config_text = render_config(
         model_name=model_name, platform=s.platform, max_batch=max_batch, inputs=s.inputs, outputs=s.outputs,
         instance_kind=instance_kind, instance_count=instance_count, compute_capability=s.cc, comments=s.comments,
+        parameters=s.parameters,
     )  # fmt: skip
     parse_config(config_text, "generated config.pbtxt")  # guard against a malformed render
     return config_text
@@ -764,6 +781,10 @@ def _stage_files(
 ) -> tuple[list[Path], list[Path]]:
     """Write the version folder's model files into `stage`; returns (staged files, their sources)."""
     files, sources = [], [src]
+    if platform == "openvino":
+        from .triton_openvino import stage_ir_files
+
+        return stage_ir_files(src, stage, sidecar, _copy_file)
     if platform == "tensorrt_plan":
         files.append(_copy_file(src, stage / "model.plan"))
         if sidecar:
@@ -842,7 +863,7 @@ def default_instance_kind(meta: dict[str, Any] | None) -> str:
     """KIND_CPU for an `itae-export --fast-path` model (int8 / fused: ONNX Runtime CPU paths), else
     KIND_GPU. meta: itae-export's run metadata or _meta_from_model's."""
     meta = meta or {}
-    return "KIND_CPU" if meta.get("fast_path") else "KIND_GPU"
+    return "KIND_CPU" if meta.get("fast_path") or meta.get("openvino") else "KIND_GPU"
 
 
 def default_model_name(meta: dict[str, Any] | None, model_path: str | Path) -> str:
@@ -889,6 +910,12 @@ def meta_from_model(path: Path) -> dict[str, Any]:
                 meta.update(model=art.model, img_size=art.img_size, itae=art.itae, dynamic_size=art.dynamic_size)
             if art.fast_path:
                 meta["fast_path"] = art.fast_path
+        elif path.suffix == ".xml":
+            from .ov_runner import read_sidecar
+
+            side = read_sidecar(path) or {}
+            meta = {k: side[k] for k in ("model", "img_size", "itae") if k in side}
+            meta["openvino"] = {"precision": side.get("precision")}
         elif (sidecar := find_engine_sidecar(path)) is not None:
             raw = json.loads(sidecar.read_text())
             meta = {k: raw[k] for k in ("model", "img_size", "itae", "dynamic_size") if k in raw}

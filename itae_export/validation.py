@@ -265,7 +265,10 @@ def resolve_artifact(path: str | Path, flag: str = "ARTIFACT", *, precision: str
         return _read_onnx(p, "onnx", str(p), None, flag)
     if p.suffix in ENGINE_SUFFIXES:
         return _read_engine(p, "engine", str(p), None, flag, precision)
-    raise UsageError(f"{flag} {p}: use an .onnx file, an engine (.engine/.plan) or a Triton model folder")
+    if p.suffix == ".xml":
+        return _read_openvino(p, flag)
+    raise UsageError(f"{flag} {p}: use an .onnx file, an engine (.engine/.plan), an OpenVINO IR (.xml) or a Triton "
+                     "model folder")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -474,6 +477,64 @@ def _read_engine(path: Path, kind: str, label: str, prov: dict | None, flag: str
                          "--precision")
     art.precision = "engine-" + prec
     return art
+
+
+def _read_openvino(path: Path, flag: str) -> Artifact:
+    """An OpenVINO IR from itae-export: its files checked, its facts from the sidecar and the source ONNX."""
+    from .openvino_target import PRECISIONS
+    from .ov_runner import check_ir_files, read_sidecar
+
+    check_ir_files(path, flag)
+    side = read_sidecar(path)
+    if side is None or side.get("precision") not in PRECISIONS:
+        raise UsageError(f"{flag} {path}: no itae-export sidecar {path.name}.json recording its precision beside it; "
+                         f"re-export with itae-export MODEL --out {path.name}")
+    art = Artifact(path=path, kind="openvino", label=str(path), sidecar=side)
+    _fill_from(art, side)
+    _fill_from(art, side.get("export") if isinstance(side.get("export"), dict) else None)
+    art.has_metadata = art.model is not None
+    src = path.parent / str(side.get("onnx") or "")
+    if side.get("onnx") and src.is_file():
+        s = _read_onnx(src, "onnx", str(src), None, "the IR's source ONNX")
+        for key in ("model", "img_size", "num_prefix_tokens", "weights", "weights_sha256", "depth", "input_name",
+                    "flag_tensor"):
+            if getattr(art, key) is None:
+                setattr(art, key, getattr(s, key))
+    else:
+        art.notes.append("the ONNX the IR came from is not beside it: no flagged-token check")
+    art.precision = "openvino-" + side["precision"]
+    return art
+
+
+class _OpenVinoSubject:
+    """The IR compiled with its sidecar's compile_config; the ITAE flags as an extra output (by the
+    source ONNX's tensor name, which OpenVINO keeps)."""
+
+    def __init__(self, art: Artifact, want_flags: bool):
+        from .ov_runner import import_openvino
+
+        ov = import_openvino()
+        core = ov.Core()
+        model = core.read_model(str(art.path), str(art.path.with_suffix(".bin")))
+        self.flags = bool(want_flags and art.flag_tensor)
+        if self.flags:
+            try:
+                model.add_outputs([art.flag_tensor])
+            except RuntimeError:  # the tensor did not survive conversion: no flag check
+                self.flags = False
+        self.compiled = core.compile_model(model, "CPU", (art.sidecar or {}).get("compile_config") or {})
+        self.art = art
+
+    def run(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
+        feed = float_inputs(self.art, inputs)
+        req = self.compiled.create_infer_request()
+        embs, flags = [], []
+        for i in range(0, len(feed), RUN_BATCH):
+            res = req.infer({0: feed[i:i + RUN_BATCH]})
+            embs.append(np.array(res[self.compiled.outputs[0]], dtype=np.float32))
+            if self.flags:
+                flags.append(np.array(res[self.compiled.outputs[-1]]).astype(bool))
+        return np.concatenate(embs), (np.concatenate(flags) if flags else None)
 
 
 def _source_onnx(engine: Path, sidecar: Path | None, side: dict, prov: dict | None) -> Path | None:
@@ -789,6 +850,8 @@ class _EngineSubject:
 
 
 def make_subject(art: Artifact, want_flags: bool):
+    if art.kind == "openvino":
+        return _OpenVinoSubject(art, want_flags)
     if art.is_engine:
         return _EngineSubject(art)
     return _OnnxSubject(art, want_flags)

@@ -10,6 +10,8 @@ Prints a table and writes JSON (--out). Not a test: numbers depend on the machin
     python tools/bench.py --out bench.json
     python tools/bench.py --models dinov2_vits14 --batches 1,8 --repeats 3
     python tools/bench.py --smoke          # tiny depth-2 model, seconds; checks the script runs
+    python tools/bench.py --cpu-race --threads 2 --out race.json   # every CPU path + the OpenVINO peers
+                                                                   # and matmul peaks (tools/bench_cpu.py)
 """
 
 from __future__ import annotations
@@ -238,6 +240,21 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(cosine_rows(a, b).min())
 
 
+def export_pair(name: str, args: argparse.Namespace, work: Path) -> tuple[Path, Path, dict, dict]:
+    """The baseline and ITAE ONNX of `name` (random weights), exported and patched in measured child
+    processes: (base, itae, export figures, patch figures)."""
+    me = [sys.executable, str(Path(__file__).resolve())]
+    depth_args = ["--depth", str(args.depth)] if args.depth else []
+    base = work / f"{name}.onnx"
+    itae = work / f"{name}.itae.onnx"
+    log(f"[{name}] export (child process)")
+    exp = run_measured([*me, "--child", "export", "--child-model", name, "--img-size", str(args.img_size),
+                        *depth_args, "--child-out", str(base)])
+    log(f"[{name}] patch (child process)")
+    pat = run_measured([*me, "--child", "patch", "--child-in", str(base), "--child-out", str(itae)])
+    return base, itae, exp, pat
+
+
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
@@ -246,27 +263,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     from itae_export.reference import ITAEReference
 
     threads = os.cpu_count() or 1
-    me = [sys.executable, str(Path(__file__).resolve())]
-    depth_args = ["--depth", str(args.depth)] if args.depth else []
-    base = work / f"{name}.onnx"
-    itae = work / f"{name}.itae.onnx"
-    log(f"[{name}] export (child process)")
-    exp = run_measured(
-        [
-            *me,
-            "--child",
-            "export",
-            "--child-model",
-            name,
-            "--img-size",
-            str(args.img_size),
-            *depth_args,
-            "--child-out",
-            str(base),
-        ]
-    )
-    log(f"[{name}] patch (child process)")
-    pat = run_measured([*me, "--child", "patch", "--child-in", str(base), "--child-out", str(itae)])
+    base, itae, exp, pat = export_pair(name, args, work)
 
     emb = build_model(name, random_weights=True, img_size=args.img_size, depth=args.depth)
     ref = ITAEReference(emb, ITAEConfig()).eval()
@@ -420,6 +417,24 @@ def fast_path(emb, ref, base: Path, work: Path, args: argparse.Namespace, thread
 # ---------------------------------------------------------------------------------------- report
 
 
+def cpu_race(name: str, args: argparse.Namespace, work: Path, report: dict[str, Any], n: int, tries: int) -> dict:
+    """tools/bench_cpu.py's race for one model; the matmul peaks are measured once, before the first
+    model, and again after each (the better kept)."""
+    import bench_cpu
+
+    threads = args.threads or os.cpu_count() or 1
+    if "peaks" not in report:
+        log("measuring fp32/bf16/int8 matmul peaks")
+        report["peaks"] = bench_cpu.matmul_peaks(n, tries, threads)
+    args.peaks = report["peaks"]
+    res = bench_cpu.race_model(name, args, work, log, time_interleaved,
+                               lambda m: export_pair(m, args, work)[:2])
+    again = bench_cpu.matmul_peaks(n, tries, threads)
+    for cls, d in again.items():
+        report["peaks"][cls] = {k: max(v, report["peaks"][cls].get(k, 0.0)) for k, v in d.items()}
+    return res
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -519,6 +534,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--fast-path", action="store_true", help="also time the fast paths of itae-export --fast-path int8 / fused")
+    p.add_argument("--cpu-race", action="store_true",
+                   help="race every CPU path (PyTorch fp32/bf16, ORT fp32/int8, our OpenVINO fp32/bf16/int8 IR, "
+                   "the OpenVINO bf16-hint and NNCF-default peers) with fp32/bf16/int8 matmul peaks (tools/bench_cpu.py)")
+    p.add_argument("--threads", type=int, default=None, help="--cpu-race: threads per runtime (default: all cores)")
+    p.add_argument("--calibration-images", type=int, default=32,
+                   help="--cpu-race: digits images calibrating both int8 IRs (default 32)")
+    p.add_argument("--race-digits", type=int, default=64,
+                   help="--cpu-race: digits images for the centred cosine (default 64)")
     p.add_argument("--smoke", action="store_true", help="tiny run: ViT-S depth 2, img 56, batch 1, 1 repeat")
     p.add_argument("--work-dir", default=None, help="keep the ONNX files here instead of a temp dir")
     # internal: the measured child processes
@@ -536,6 +559,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             56,
             2,
         )
+        args.calibration_images, args.race_digits = min(args.calibration_images, 4), min(args.race_digits, 16)
     try:
         args.batch_list = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
@@ -563,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with OutputTransaction(args.out, force=args.force):
             pass  # validated up front (exists without --force, a directory, unwritable), written at the end
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     report: dict[str, Any] = {
         "machine": machine_info(),
         "img_size": args.img_size,
@@ -581,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in models:
-            report["models"].append(bench_model(name, args, work))
+            if args.cpu_race:
+                report.setdefault("cpu_race", []).append(cpu_race(name, args, work, report, n, tries))
+            else:
+                report["models"].append(bench_model(name, args, work))
     # measured again at the end and the better one kept: on a shared machine a single measurement
     # can land in someone else's burst and make the model look faster than "peak"
     gemm_end = gemm_peak_gflops(n, tries)
@@ -591,7 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in mod["rows"]:
             r["gemm_fraction"] = {k: v / peak for k, v in r["achieved_gflops"].items()}
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(format_table(report))
+    if args.cpu_race:
+        from bench_cpu import format_race
+
+        print(format_race(report))
+    else:
+        print(format_table(report))
     if args.out:
         write_text_atomic(args.out, json.dumps(report, indent=2) + "\n", force=args.force)
         log(f"wrote {args.out}")

@@ -16,6 +16,7 @@ from ..engine import (
     EngineOptions,
     parse_shape,
 )
+from ..openvino_target import PRECISIONS as OV_PRECISIONS
 
 _ENGINE_DESTS = ("precision", "min_batch", "opt_batch", "min_shape", "opt_shape", "max_shape", "workspace", "timing_cache", "strongly_typed",
                  "allow_tf32", "no_precision_constraints", "engine_builder")
@@ -26,9 +27,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "TensorRT engine (--out *.engine)",
         f"Build a TensorRT engine from the exported ONNX and check it against PyTorch. A trtexec script "
         f"({SCRIPT_NAME}) is always written next to the ONNX.")
-    g.add_argument("--precision", choices=PRECISIONS, default=None,
+    g.add_argument("--precision", choices=sorted(set(PRECISIONS) | set(OV_PRECISIONS)), default=None,
                    help="engine precision (default: fp16 where the GPU and TensorRT support it, else fp32); "
-                   "LayerNorm, Softmax, reductions and ITAE nodes stay fp32 in fp16/bf16 engines")
+                   "LayerNorm, Softmax, reductions and ITAE nodes stay fp32 in fp16/bf16 engines. For an "
+                   "OpenVINO --out *.xml: fp32, bf16 (default) or int8")
     g.add_argument("--min-batch", type=int, default=None, help=f"smallest batch of the profile (default {DEFAULT_MIN_BATCH})")
     g.add_argument("--opt-batch", type=int, default=None, help=f"batch TensorRT tunes for (default {DEFAULT_OPT_BATCH})")
     g.add_argument("--max-batch", type=int, default=None,

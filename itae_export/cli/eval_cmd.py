@@ -215,6 +215,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
         help="TensorRT engine of the ITAE model: run it and compare with PyTorch ITAE",
     )
     b.add_argument(
+        "--openvino",
+        metavar="FILE",
+        help="OpenVINO IR (.xml, .bin beside it) of the ITAE model from itae-export --out *.xml: run it on the "
+        "CPU with its sidecar's compile_config and compare with PyTorch ITAE",
+    )
+    b.add_argument(
         "--ort-providers", default=None, help="comma-separated ONNX Runtime providers (default: CPU)"
     )
     k = p.add_argument_group("k-means")
@@ -315,7 +321,7 @@ def eval_command(args: argparse.Namespace, argv: list[str]) -> int:
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
     hist_path = report_dir / "norm_histogram.png"
     _check_demo_args(args)
-    inputs = _input_files(args, "settings", "weights", "onnx", "onnx_baseline", "engine")
+    inputs = _input_files(args, "settings", "weights", "onnx", "onnx_baseline", "engine", "openvino")
     with contextlib.ExitStack() as stack:
         # Validated and claimed before any heavy work: an existing report (without --force), a report
         # path that is an input, an unwritable folder are refused here. Everything lands in one commit.
@@ -469,7 +475,20 @@ def _check_models(args, cfg) -> dict | None:
         _check_onnx_settings(args.onnx_baseline, None, "--onnx-baseline")
     if args.onnx:
         _check_onnx_settings(args.onnx, cfg.to_dict(), "--onnx")
+    if getattr(args, "openvino", None):
+        _check_openvino_settings(args.openvino, cfg.to_dict())
     return _check_engine_settings(args.engine, cfg.to_dict()) if args.engine else None
+
+
+def _check_openvino_settings(path: str, cfg_dict: dict) -> None:
+    """The IR's files must be there, and its sidecar's ITAE settings (when it has one) match this run."""
+    from ..ov_runner import check_ir_files, read_sidecar
+
+    check_ir_files(path)
+    side = read_sidecar(path)
+    if side is not None and side.get("itae") != cfg_dict:
+        raise UsageError(f"--openvino {path} was exported with ITAE settings {side.get('itae')}, but this run uses "
+                         f"{cfg_dict}; pass the same ITAE flags (or --settings FILE), or the matching IR")
 
 
 def _claim_attention_figures(args, ds, stack: contextlib.ExitStack, inputs: list[Path]) -> OutputTransaction | None:
@@ -503,6 +522,12 @@ def _make_backends(args, embedder, cfg, engine_facts: dict | None) -> tuple[list
     if args.engine:
         be = tensorrt_backend(args.engine, name="tensorrt-itae", itae=cfg.to_dict())
         be.identity["sidecar"] = engine_facts
+        backends.append(be)
+        compare_to[be.name] = "torch-itae"
+    if getattr(args, "openvino", None):
+        from ..embed import openvino_backend
+
+        be = openvino_backend(args.openvino, name="openvino-itae", itae=cfg.to_dict())
         backends.append(be)
         compare_to[be.name] = "torch-itae"
     return backends, compare_to

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from ..dynamic_size import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, SizeBounds
 from ..errors import UsageError
+from ..openvino_target import OV_SUFFIX
 from ..pipeline import ENGINE_SUFFIXES, FAST_PATHS, INT8_WEIGHTS, ExportRequest
 from ..settings import EXPORTERS
 from .common import add_itae_args, given_itae_flags, itae_config_from_args, make_parser, run_command
 from .engine_args import add_engine_args, engine_flags_given, engine_options_from_args
+from .openvino_args import add_openvino_args, openvino_options_from_args
 from .triton_args import (
     add_graph_option_args,
     add_triton_args,
@@ -28,7 +30,8 @@ def export_parser() -> argparse.ArgumentParser:
                     "CPU fast path or a Triton model version.")
     p.add_argument("model", choices=list(CATALOGUE), metavar="MODEL", help=f"one of: {', '.join(CATALOGUE)}")
     g = p.add_argument_group("model and output")
-    g.add_argument("--out", required=True, help="output .onnx, or .engine/.plan to build a TensorRT engine")
+    g.add_argument("--out", required=True,
+                   help="output .onnx, .engine/.plan to build a TensorRT engine, or .xml for OpenVINO IR (CPU)")
     g.add_argument("--weights", help="local weights: official .pth, timm .safetensors, or a Hugging Face transformers folder (config.json + model.safetensors) (default: search the torch hub and Hugging Face caches)")
     g.add_argument("--random-weights", action="store_true", help="seeded random weights (smoke tests)")
     g.add_argument("--demo-artifacts", action="store_true",
@@ -62,8 +65,9 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-weights", choices=INT8_WEIGHTS, default=None,
                    help="with --fast-path int8: one weight scale per output column or per matrix (default per-channel)")
     g.add_argument("--fast-path-eval-images", type=int, default=200, metavar="N",
-                   help="sklearn digits images for the fast path's accuracy report")
+                   help="sklearn digits images for the accuracy report of the fast path or of an OpenVINO --out *.xml")
     add_engine_args(p)
+    add_openvino_args(p)
     add_graph_option_args(p)
     add_triton_args(p)
     return p
@@ -83,9 +87,11 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         dynamic = SizeBounds(args.min_size if args.min_size is not None else DEFAULT_MIN_SIZE,
                              args.max_size if args.max_size is not None else DEFAULT_MAX_SIZE)
     is_engine = Path(args.out).suffix in ENGINE_SUFFIXES
-    if engine_flags_given(args) and not is_engine:
-        raise UsageError(f"{', '.join(engine_flags_given(args))} apply to an .engine/.plan --out only; "
-                         f"drop them or use --out {Path(args.out).with_suffix('.engine').name}")
+    is_openvino = Path(args.out).suffix == OV_SUFFIX
+    engine_flags = [f for f in engine_flags_given(args) if not (is_openvino and f == "--precision")]
+    if engine_flags and not is_engine:
+        raise UsageError(f"{', '.join(engine_flags)} apply to an .engine/.plan --out only (--precision also to an "
+                         f"OpenVINO .xml); drop them or use --out {Path(args.out).with_suffix('.engine').name}")
     return ExportRequest(
         model=args.model, out=Path(args.out), weights=Path(args.weights) if args.weights else None,
         random_weights=args.random_weights or args.demo_artifacts, seed=args.seed, img_size=args.img_size,
@@ -97,6 +103,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         triton=triton_options_from_args(args), depth=args.depth,
         settings=Path(args.settings) if args.settings else None, demo_artifacts=args.demo_artifacts,
         dynamic_size=dynamic,
+        openvino=openvino_options_from_args(args, is_openvino),
     )
 
 

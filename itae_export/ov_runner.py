@@ -1,0 +1,103 @@
+"""Run an OpenVINO IR written by `itae-export --out model.xml` (or any IR) on the CPU, with the compile
+properties its sidecar `model.xml.json` records: OpenVinoRunner(xml).run(x) -> np.ndarray.
+
+Reading an IR checks what OpenVINO would otherwise report obscurely: the .xml exists, its .bin
+weights file lies beside it, and, where the sidecar records them, the .bin's size and the .xml's
+SHA-256 match (files of two exports mixed, e.g. by a kill between the renames of an overwrite,
+are refused)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MissingDependencyError, ModelError, UsageError
+
+INSTALL_HINT = "pip install 'itae-export[openvino]' (the openvino and nncf wheels)"
+SIDECAR_SUFFIX = ".json"
+MAX_SIDECAR_BYTES = 4 << 20
+MAX_XML_HASH_BYTES = 64 << 20  # the graph file (weights are in the .bin): hashed to match its sidecar
+
+
+def import_openvino():
+    """The openvino module, or MissingDependencyError naming the pip install."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise MissingDependencyError(f"OpenVINO is not installed ({e}); run {INSTALL_HINT}") from e
+    return openvino
+
+
+def sidecar_path(xml_path: str | Path) -> Path:
+    return Path(str(xml_path) + SIDECAR_SUFFIX)
+
+
+def read_sidecar(xml_path: str | Path) -> dict[str, Any] | None:
+    """The JSON sidecar beside an IR (None when there is none); UsageError when it is not a JSON object."""
+    from .safe_io import read_text_checked
+
+    side = sidecar_path(xml_path)
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(read_text_checked(side, "OpenVINO sidecar", MAX_SIDECAR_BYTES))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"OpenVINO sidecar {side} is not valid JSON ({e}); re-export with itae-export") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"OpenVINO sidecar {side} must hold a JSON object; re-export with itae-export")
+    return data
+
+
+def check_ir_files(xml_path: str | Path, flag: str = "--openvino") -> tuple[Path, Path]:
+    """(xml, bin) of an IR, refused in one sentence when either is missing or the .bin does not match
+    the size its sidecar records."""
+    xml = Path(xml_path)
+    if xml.suffix != ".xml":
+        raise UsageError(f"{flag} {xml}: give an OpenVINO IR .xml file (its weights in the .bin beside it)")
+    if not xml.is_file():
+        raise UsageError(f"{flag} {xml} does not exist; write one with itae-export MODEL --out {xml.name}")
+    weights = xml.with_suffix(".bin")
+    if not weights.is_file():
+        raise UsageError(f"{flag} {xml}: its weights file {weights.name} is missing beside it; copy the .xml and "
+                         "the .bin together, or re-export")
+    ir = ((read_sidecar(xml) or {}).get("ir") or {})
+    want = ir.get("bin_bytes")
+    if isinstance(want, int) and weights.stat().st_size != want:
+        raise ModelError(f"{flag} {xml}: {weights.name} has {weights.stat().st_size} bytes but the sidecar "
+                         f"{sidecar_path(xml).name} records {want}: the .bin belongs to another export; re-export")
+    if isinstance(ir.get("xml_sha256"), str) and xml.stat().st_size <= MAX_XML_HASH_BYTES:
+        from .hashing import sha256_file
+
+        if sha256_file(xml) != ir["xml_sha256"]:
+            raise ModelError(f"{flag} {xml} is not the .xml its sidecar {sidecar_path(xml).name} describes (another "
+                             "export, or one killed between its renames); re-export")
+    return xml, weights
+
+
+class OpenVinoRunner:
+    """An IR compiled for the CPU with `compile_config` (default: the sidecar's, else OpenVINO's defaults)."""
+
+    def __init__(self, xml_path: str | Path, compile_config: dict[str, str] | None = None, *,
+                 threads: int | None = None, flag: str = "--openvino"):
+        ov = import_openvino()
+        xml, weights = check_ir_files(xml_path, flag)
+        side = read_sidecar(xml) or {}
+        config = dict(side.get("compile_config") or {}) if compile_config is None else dict(compile_config)
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(xml), str(weights))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as e:  # OpenVINO reports unreadable IR and bad properties as RuntimeError
+            raise ModelError(f"{flag} {xml}: OpenVINO cannot load it ({str(e).splitlines()[0]}); re-export") from e
+        self.path, self.compile_config = xml, config
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        res = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(res[self.output], dtype=np.float32, copy=True)
