@@ -97,7 +97,18 @@ class OpenVinoRunner:
         self.path, self.compile_config = xml, config
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.output(0)
+        export = side.get("export") if isinstance(side.get("export"), dict) else {}
+        self.dynamic_size = export.get("dynamic_size") if isinstance(export.get("dynamic_size"), dict) else None
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        if self.dynamic_size is not None and x.ndim == 4:
+            # OpenVINO does not check Gather indices: the graph's size gate gives NaN; say why instead
+            from .dynamic_size import SizeBounds
+            from .runtime import size_refusal
+
+            b = SizeBounds.from_metadata(self.dynamic_size)
+            if not b.contains(int(x.shape[2]), int(x.shape[3])):
+                gate = f"size_check/height_and_width_must_be_multiples_of_{b.multiple}_from_{b.min_size}_to_{b.max_size}"
+                raise UsageError(size_refusal(gate, x.shape) or gate)
         res = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
         return np.array(res[self.output], dtype=np.float32, copy=True)

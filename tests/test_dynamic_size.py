@@ -334,3 +334,33 @@ def test_itae_validate_catches_the_wrong_interpolation_rule(tmp_path, monkeypatc
     report = itae_export.validate(path, random_weights=True)
     assert not report.passed
     assert "max_abs@112x112" in {c.name for c in report.failed}
+
+
+def test_openvino_ir_keeps_dynamic_height_and_width(tmp_path):
+    """--dynamic-size with --out model.xml: the IR takes [?,3,?,?], matches the PyTorch reference at
+    other sizes, and its runner refuses a bad size in one sentence (OpenVINO does not check Gather)."""
+    import openvino as ov
+
+    import itae_export
+    from itae_export.ov_runner import OpenVinoRunner
+    from itae_export.reference import ITAEReference
+
+    res = itae_export.export("dinov2_vits14", tmp_path / "m.xml", random_weights=True, depth=1, seed=3,
+                             dynamic_size=SizeBounds(112, 252), precision="fp32", validate_batch=2,
+                             fast_path_eval_images=20)
+    shape = ov.Core().read_model(str(tmp_path / "m.xml")).inputs[0].get_partial_shape()
+    assert shape.is_dynamic and str(shape) == "[?,3,?,?]"
+    runner = OpenVinoRunner(tmp_path / "m.xml")
+    from itae_export.models import build_model
+
+    model = build_model("dinov2_vits14", random_weights=True, seed=3, depth=1, img_size=224)
+    model.pos_mode = "official"
+    ref = ITAEReference(model, ITAEConfig()).eval()
+    for h, w in [(112, 168), (252, 252)]:
+        x = np.random.default_rng(h).standard_normal((2, 3, h, w)).astype(np.float32)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x)).numpy()
+        assert np.abs(runner.run(x) - want).max() < 1e-4
+    with pytest.raises(UsageError, match="multiples of 14 from 112 to 252 pixels, got 230x224"):
+        runner.run(np.zeros((1, 3, 230, 224), np.float32))
+    assert res.run.dynamic_size == {"min": 112, "max": 252, "multiple": 14}
