@@ -199,12 +199,11 @@ def _group_of(starts: list[int], row: int) -> int:
     return bisect.bisect_right(starts, row) - 1
 
 
-def load_image(source: Source | dict, index: int, limits: Limits = Limits()):
-    """Image `index` of a listing (a Source, or its describe() plus keys as the manifest stores it)."""
-    kind = source.kind if isinstance(source, Source) else source["kind"]
+def load_image(kind: str, location: str | Path, column: str | None, index: int, key: str,
+               limits: Limits | None = None):
+    """Row `index` (key `key`) of a listing as described by Source.describe(): a file, or a Parquet cell."""
+    limits = limits or Limits()
     if kind != "parquet-bytes":
-        key = source.keys[index] if isinstance(source, Source) else source["keys"][index]
         return open_file_image(key, limits)
-    loc = source.location if isinstance(source, Source) else source["location"]
-    col = source.column if isinstance(source, Source) else source["column"]
-    return open_bytes_image(read_parquet_cells(loc, col, [index])[0], f"{loc}#{index}", limits)
+    assert column is not None
+    return open_bytes_image(read_parquet_cells(location, column, [index])[0], key, limits)
