@@ -104,7 +104,8 @@ def embed(source: str | Path | Any, model: str | Path | None = None, out: str | 
     Parquet file of images) with an itae-export artifact on Ray Data, into resumable Parquet shards in
     `out`. Pass an itae_export.collection_embed.EmbedRequest, or its fields as arguments; returns an
     EmbedResult. Needs the [scale] extra."""
-    from .collection_embed import EmbedRequest, embed as run
+    from .collection_embed import EmbedRequest
+    from .collection_embed import embed as run
 
     req = source if isinstance(source, EmbedRequest) else EmbedRequest(source, model, out, **kwargs)  # type: ignore[arg-type]
     return run(req)
@@ -114,7 +115,8 @@ def cluster(embeddings: str | Path | Any, out: str | Path | None = None, k: Any 
     """itae-cluster as a function: faiss k-means over an itae-embed folder, with contact sheets and
     index.html in `out`. Pass an itae_export.collection_cluster.ClusterRequest, or its fields as
     arguments; returns a ClusterResult. Needs the [scale] extra."""
-    from .collection_cluster import ClusterRequest, cluster as run
+    from .collection_cluster import ClusterRequest
+    from .collection_cluster import cluster as run
 
     req = embeddings if isinstance(embeddings, ClusterRequest) else ClusterRequest(embeddings, out, k, **kwargs)  # type: ignore[arg-type]
     return run(req)

@@ -129,7 +129,7 @@ def test_text_and_parquet_sources(ray_local, collection_models, tmp_path):
     pq.write_table(pa.table({"image": pa.array(blobs, pa.binary())}), tmp_path / "bytes.parquet", row_group_size=2)
     for name, src in (("txt", lst), ("pq", tmp_path / "paths.parquet"), ("bytes", tmp_path / "bytes.parquet")):
         res = embed(EmbedRequest(src, collection_models[0], tmp_path / name, batch_size=2, shard_size=4,
-                                 progress=False))
+                                 workers=1, progress=False))
         got, emb, _ = read_rows(tmp_path / name)
         assert float(np.abs(emb - ref).max()) <= 1e-5, name
         if name == "bytes":
@@ -149,7 +149,7 @@ def _cli(args: list[str]) -> subprocess.Popen:
 
 
 def test_driver_killed_mid_run_then_rerun_gives_the_uninterrupted_result(ray_local, collection_models, tmp_path):
-    make_images(tmp_path / "src", 40)
+    make_images(tmp_path / "src", 12)
     args = [str(tmp_path / "src"), "--model", str(collection_models[0]), "--batch-size", "2", "--shard-size", "2",
             "--workers", "1"]
     proc = _cli([*args, "--out", str(tmp_path / "killed")])
@@ -160,7 +160,7 @@ def test_driver_killed_mid_run_then_rerun_gives_the_uninterrupted_result(ray_loc
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     done = len(list((tmp_path / "killed" / "shards").glob("shard-?????.parquet")))
-    assert 1 <= done < 40, f"the kill should land mid-run ({done} of 40 shards were done)"
+    assert 1 <= done < 12, f"the kill should land mid-run ({done} of 12 shards were done)"
     assert not (tmp_path / "killed" / "summary.json").exists()
     res = embed(EmbedRequest(tmp_path / "src", collection_models[0], tmp_path / "killed", batch_size=2,
                              shard_size=2, workers=1, progress=False))
@@ -169,7 +169,7 @@ def test_driver_killed_mid_run_then_rerun_gives_the_uninterrupted_result(ray_loc
                        workers=1, progress=False))
     p1, e1, _ = read_rows(tmp_path / "killed")
     p2, e2, _ = read_rows(tmp_path / "clean")
-    assert p1 == p2 and len(set(p1)) == 80 and np.array_equal(e1, e2)
+    assert p1 == p2 and len(set(p1)) == 24 and np.array_equal(e1, e2)
     assert not [n for n in tree(tmp_path / "killed") if ".itae-" in n]  # the dead run's staging is swept
 
 
@@ -186,7 +186,7 @@ def _embed_workers() -> list:
 
 def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, collection_models, tmp_path):
     pytest.importorskip("psutil")
-    paths = make_images(tmp_path / "src", 40)
+    paths = make_images(tmp_path / "src", 20)
     out = tmp_path / "out"
     killed: list[int] = []
 
@@ -206,7 +206,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, collection
     t.join(5)
     assert killed, "no EmbedWorker actor was found to kill"
     got, emb, _ = read_rows(out)
-    assert got == [str(p) for p in paths] and res.embedded == 80 and res.failed == 0
+    assert got == [str(p) for p in paths] and res.embedded == 40 and res.failed == 0
     assert float(np.abs(emb - reference(collection_models[0], paths)).max()) <= 1e-5
 
 
