@@ -136,6 +136,7 @@ def run_pipeline(source: Source, todo: list[int], model: CollectionModel, pre: P
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines; tqdm shows progress
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows reach the driver in listing order: one open shard
     ctx.enable_progress_bars = False  # the driver's tqdm bar counts images
