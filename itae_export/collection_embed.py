@@ -102,15 +102,15 @@ def embed(req: EmbedRequest) -> EmbedResult:
     todo = [i for s in range(total) if s not in done
             for i in range(s * req.shard_size, min(len(source), (s + 1) * req.shard_size))]
     t_run = time.perf_counter()
-    if todo:
-        _run(req, source, todo, model, pre, out)
+    timing = _run(req, source, todo, model, pre, out) if todo else {}
     run_s = time.perf_counter() - t_run
     counts = _counts(out, total)
     summary = {"images": len(source), "embedded": counts[0], "failed": counts[1], "shards": total,
                "model_digest": model.digest}
     failed_path = write_summary(out, summary)
     return EmbedResult(out, model, len(source), counts[0], counts[1], total, len(done),
-                       time.perf_counter() - t0, len(todo) / run_s if todo and run_s > 0 else None, failed_path)
+                       time.perf_counter() - t0, len(todo) / run_s if todo and run_s > 0 else None, failed_path,
+                       timing)
 
 
 def _counts(out: Path, total: int) -> tuple[int, int]:
@@ -164,16 +164,26 @@ class _ShardBuffer:
 
 
 def _run(req: EmbedRequest, source: Source, todo: list[int], model: CollectionModel, pre: Preprocess,
-         out: Path) -> None:
+         out: Path) -> dict:
+    """Run the pipeline over `todo`; returns its timing: startup_s (Ray and the actors, until the first
+    result), steady_images_per_s (the images after the first result batch, per second)."""
     from tqdm import tqdm
 
     buffer = _ShardBuffer(out, source, req.shard_size, model.digest)
     limits = Limits(req.max_image_bytes, req.max_pixels)
+    t0, first, after = time.perf_counter(), None, 0
     with ray_session(req.ray_settings()), tqdm(total=len(todo), desc="embedding", unit="img",
                                                disable=not req.progress, smoothing=0.1) as bar:
         for batch in run_pipeline(source, todo, model, pre, limits, req.ray_settings()):
             buffer.add(batch)
             bar.update(len(batch["index"]))
+            if first is None:
+                first = time.perf_counter()
+            else:
+                after += len(batch["index"])
+    t_end = time.perf_counter()
     if buffer.parts:
         raise ItaeError(f"the pipeline ended with shards {sorted(buffer.parts)} incomplete; rerun the same "
                         "command to finish them")
+    steady = after / (t_end - first) if first is not None and after and t_end > first else None
+    return {"startup_s": (first or t_end) - t0, "steady_images_per_s": steady}
