@@ -74,9 +74,11 @@ class EmbedResult:
 
     def summary(self) -> str:
         rate = f", {self.images_per_s:.1f} images/s" if self.images_per_s else ""
-        resumed = f" ({self.resumed_shards} finished shards skipped)" if self.resumed_shards else ""
-        return (f"{self.embedded} of {self.images} images embedded into {self.shards} shards in {self.out}"
-                f"{resumed}; {self.failed} failed (listed in {self.failed_path}){rate}")
+        resumed = f" ({self.resumed_shards} finished shard(s) skipped)" if self.resumed_shards else ""
+        from .viz import plural
+
+        return (f"{self.embedded} of {plural(self.images, 'image')} embedded into {plural(self.shards, 'shard')} "
+                f"in {self.out}{resumed}; {self.failed} failed (listed in {self.failed_path}){rate}")
 
 
 def _manifest(req: EmbedRequest, model: CollectionModel, source: Source, pre: Preprocess) -> dict:

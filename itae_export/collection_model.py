@@ -113,7 +113,9 @@ def _sidecar_model(p: Path, backend: str, img_size: int | None) -> CollectionMod
     if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1):
         raise _not_artifact(p, f"sidecar {side.name} has img_size {recorded!r}, not a positive integer")
     size = _image_size(p, recorded, img_size)
-    fmt = "uint8-nhwc" if data.get("input_format") == "uint8-nhwc" else "float32-nchw"
+    export = data.get("export") if isinstance(data.get("export"), dict) else {}
+    uint8 = data.get("input_format") == "uint8-nhwc" or export.get("uint8_nhwc_input") is not None
+    fmt = "uint8-nhwc" if uint8 else "float32-nchw"
     files = (file_digest(p), file_digest(side))
     return CollectionModel(str(p), backend, size, fmt, _combined(list(files)), data.get("model"), data.get("itae"),
                            files)

@@ -164,3 +164,16 @@ def test_gallery_renders_in_chromium(collection, tmp_path):
         others = [o for o in range(3) if o != ch]
         strong = (px[..., ch] > 150) & (px[..., others[0]] < 110) & (px[..., others[1]] < 110)
         assert strong.sum() > 2000, f"colour channel {ch}: the contact sheets did not render"
+
+
+def test_every_option_of_the_new_commands_has_help():
+    import argparse
+
+    from itae_export.cli.cluster_cmd import cluster_parser
+    from itae_export.cli.embed_cmd import embed_parser
+
+    for parser in (embed_parser(), cluster_parser()):
+        missing = [a.dest for a in parser._actions  # noqa: SLF001 - walking the parser is the point
+                   if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+        assert not missing, f"{parser.prog}: options without help: {missing}"
+        assert "docs/collections.md" in parser.format_help()
