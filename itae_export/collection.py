@@ -154,10 +154,16 @@ class Limits:
 
     max_bytes: int = MAX_IMAGE_BYTES
     max_pixels: int = MAX_IMAGE_PIXELS
+    root: str | None = None  # a folder SOURCE: images must resolve (symlinks followed) inside it
 
 
 def open_file_image(path: str, limits: Limits):
-    """A PIL RGB image from a file, or DataError naming why not (missing, empty, oversized, corrupt)."""
+    """A PIL RGB image from a file, or DataError naming why not (missing, empty, oversized, corrupt, or a
+    symlink out of a folder SOURCE)."""
+    if limits.root is not None:
+        real, root = os.path.realpath(path), os.path.realpath(limits.root)
+        if os.path.commonpath([real, root]) != root:
+            raise DataError(f"image {path} resolves to {real}, outside the SOURCE folder {root}; not read")
     try:
         size = os.stat(path).st_size
     except OSError as e:

@@ -14,8 +14,19 @@ from .collection_model import CollectionModel, resolve_model
 from .collection_ray import RaySettings, ray_session, run_pipeline
 from .data import Preprocess
 from .errors import ItaeError, UsageError
+from .outputs import OutputTransaction
 from .safe_io import MAX_IMAGE_PIXELS
-from .shards import FORMAT, check_out_folder, n_shards, shard_done, write_manifest, write_shard, write_summary
+from .shards import (
+    FAILED,
+    FORMAT,
+    SUMMARY,
+    check_out_folder,
+    n_shards,
+    shard_done,
+    write_manifest,
+    write_shard,
+    write_summary,
+)
 
 
 @dataclass
@@ -97,19 +108,24 @@ def embed(req: EmbedRequest) -> EmbedResult:
         raise UsageError(f"--out {out} is the SOURCE or holds it; give a folder outside the source")
     pre = Preprocess(img_size=model.img_size)
     manifest = _manifest(req, model, source, pre)
-    if not check_out_folder(out, manifest):
-        write_manifest(out, manifest, source.keys, [Path(req.model), source.location])
-    total = n_shards(len(source), req.shard_size)
-    done = {s for s in range(total) if shard_done(out, s, model.digest)}
-    todo = [i for s in range(total) if s not in done
-            for i in range(s * req.shard_size, min(len(source), (s + 1) * req.shard_size))]
-    t_run = time.perf_counter()
-    timing = _run(req, source, todo, model, pre, out) if todo else {}
-    run_s = time.perf_counter() - t_run
-    counts = _counts(out, total)
-    summary = {"images": len(source), "embedded": counts[0], "failed": counts[1], "shards": total,
-               "model_digest": model.digest}
-    failed_path = write_summary(out, summary)
+    resume = check_out_folder(out, manifest)  # read-only: refusals leave everything as it was
+    # The run's last files (summary.json + failed.parquet) are claimed first: a second itae-embed into the
+    # same folder is refused at once (exit 6), and a new folder is removed again when the run fails early.
+    with OutputTransaction(out / SUMMARY, extra=[out / FAILED], inputs=[Path(req.model), source.location],
+                           force=True, flag="--out") as run_tx:
+        if not resume:
+            write_manifest(out, manifest, source.keys, [Path(req.model), source.location])
+        total = n_shards(len(source), req.shard_size)
+        done = {s for s in range(total) if shard_done(out, s, model.digest)}
+        todo = [i for s in range(total) if s not in done
+                for i in range(s * req.shard_size, min(len(source), (s + 1) * req.shard_size))]
+        t_run = time.perf_counter()
+        timing = _run(req, source, todo, model, pre, out) if todo else {}
+        run_s = time.perf_counter() - t_run
+        counts = _counts(out, total)
+        summary = {"images": len(source), "embedded": counts[0], "failed": counts[1], "shards": total,
+                   "model_digest": model.digest}
+        failed_path = write_summary(run_tx, out, summary)
     return EmbedResult(out, model, len(source), counts[0], counts[1], total, len(done),
                        time.perf_counter() - t0, len(todo) / run_s if todo and run_s > 0 else None, failed_path,
                        timing)
@@ -172,7 +188,7 @@ def _run(req: EmbedRequest, source: Source, todo: list[int], model: CollectionMo
     from tqdm import tqdm
 
     buffer = _ShardBuffer(out, source, req.shard_size, model.digest)
-    limits = Limits(req.max_image_bytes, req.max_pixels)
+    limits = Limits(req.max_image_bytes, req.max_pixels, str(source.location) if source.kind == "folder" else None)
     t0, first, after = time.perf_counter(), None, 0
     with ray_session(req.ray_settings()), tqdm(total=len(todo), desc="embedding", unit="img",
                                                disable=not req.progress, smoothing=0.1) as bar:

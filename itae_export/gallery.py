@@ -39,6 +39,7 @@ def write_sheets(staging: Path, source: dict, nearest: dict[int, list[tuple[int,
     read (moved since itae-embed) leaves its tile grey."""
     from tqdm import tqdm
 
+    limits = limits or Limits(root=source["location"] if source["kind"] == "folder" else None)
     names = {}
     for c in tqdm(sorted(nearest), desc="contact sheets", unit="sheet", disable=not progress, leave=False):
         images = []

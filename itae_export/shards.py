@@ -27,6 +27,7 @@ SUMMARY = "summary.json"
 SHARD_DIR = "shards"
 FORMAT = 1
 DIGEST_KEY = b"itae_embed.model_digest"
+RESERVED = ".itae-"  # the output transaction's staging and lock folders
 
 
 def shard_path(out: Path, s: int) -> Path:
@@ -116,20 +117,20 @@ def read_manifest(out: Path, flag: str = "DIR") -> dict:
     return m
 
 
-def write_summary(out: Path, summary: dict) -> Path:
-    """failed.parquet (every shard's failures, in listing order) and summary.json, one commit."""
+def write_summary(tx: OutputTransaction, out: Path, summary: dict) -> Path:
+    """failed.parquet (every shard's failures, in listing order) and summary.json, committed by `tx` (the
+    run's transaction, open since the start: OutputTransaction(out/summary.json, extra=[out/failed.parquet]))."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     parts = [pq.read_table(failed_path(out, s)) for s in range(summary["shards"])]
     failed = pa.concat_tables(parts) if parts else pa.table({"index": [], "path": [], "reason": []})
     dest, fdest = out / SUMMARY, out / FAILED
-    with OutputTransaction(dest, extra=[fdest], force=True, flag="--out") as tx:
-        pq.write_table(failed, tx.stage_path(fdest))
-        tx.stage_path(dest).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        tx.add(tx.stage_path(fdest), fdest)
-        tx.add(tx.stage_path(dest), dest)
-        tx.commit()
+    pq.write_table(failed, tx.stage_path(fdest))
+    tx.stage_path(dest).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tx.add(tx.stage_path(fdest), fdest)
+    tx.add(tx.stage_path(dest), dest)
+    tx.commit()
     return fdest
 
 
@@ -195,7 +196,7 @@ def check_out_folder(out: Path, manifest: dict) -> bool:
     if not out.is_dir():
         return False
     if not (out / MANIFEST).is_file():
-        if any(out.iterdir()):
+        if any(not p.name.startswith(RESERVED) for p in out.iterdir()):
             raise UsageError(f"--out {out} is a non-empty folder that itae-embed did not write; give a new folder")
         return False
     old = read_manifest(out, "--out")

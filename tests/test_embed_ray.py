@@ -104,18 +104,21 @@ def test_bad_images_are_listed_in_failed_parquet(ray_local, collection_models, t
     (src / "zero.png").write_bytes(b"")
     Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(src / "huge.png")  # over --max-pixels below
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 120, 3), dtype=np.uint8)).save(src / "heavy.bmp")
+    (tmp_path / "elsewhere.png").write_bytes(png)
+    (src / "link.png").symlink_to(tmp_path / "elsewhere.png")  # a readable image, but outside SOURCE
     res = embed(EmbedRequest(tmp_path / "src", collection_models[0], tmp_path / "out", batch_size=4, shard_size=4,
                              max_pixels=200 * 200, max_image_bytes=40_000, progress=False))
     failed = pq.read_table(tmp_path / "out" / "failed.parquet").to_pylist()
     reasons = {Path(r["path"]).name: r["reason"] for r in failed}
-    assert set(reasons) == {"corrupt.jpg", "truncated.png", "zero.png", "huge.png", "heavy.bmp"}
+    assert set(reasons) == {"corrupt.jpg", "truncated.png", "zero.png", "huge.png", "heavy.bmp", "link.png"}
+    assert "outside the SOURCE folder" in reasons["link.png"]
     assert "not a readable" in reasons["corrupt.jpg"]
     assert "truncated" in reasons["truncated.png"]
     assert "empty (0 bytes)" in reasons["zero.png"]
     assert "300x300 pixels, over the 40000-pixel limit" in reasons["huge.png"]
     assert "over the 40000-byte limit" in reasons["heavy.bmp"]
     got, emb, _ = read_rows(tmp_path / "out")
-    assert got == [str(p) for p in good] and res.failed == 5 and res.embedded == len(good)
+    assert got == [str(p) for p in good] and res.failed == 6 and res.embedded == len(good)
     assert float(np.abs(emb - reference(collection_models[0], good)).max()) <= 1e-5
 
 
@@ -235,6 +238,12 @@ def test_refusals_leave_nothing_behind(ray_local, collection_models, exported, t
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(UsageError, match="another --shard-size"):
         embed(EmbedRequest(tmp_path / "src", collection_models[0], out, batch_size=2, shard_size=4))
+    from itae_export.errors import OutputBusyError
+    from itae_export.outputs import OutputTransaction
+
+    with OutputTransaction(out / "summary.json", force=True), pytest.raises(OutputBusyError):  # another run's claim
+        embed(EmbedRequest(tmp_path / "src", collection_models[0], out, batch_size=2, shard_size=2))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cli_refusal_is_one_line(collection_models, tmp_path):
