@@ -3,8 +3,9 @@
 
 1. model-only images/s: one ONNX Runtime session (all cores) on ready-made [B,3,S,S] batches;
 2. itae-embed end to end on generated JPEGs (decode, preprocess, model, Parquet shards) with --workers,
-   in a fresh process with its own local Ray: steady images/s (after the first result batch) and the
-   ratio to (1) (target >= 0.85 at 224 px with 2 workers);
+   in a fresh process with its own local Ray, after an untimed warm-up run (workers started, model
+   loaded): steady images/s (after the first result batch) and the ratio to (1) (target >= 0.85 at
+   224 px with 2 workers);
 3. peak memory (RSS summed over the process tree: driver, Ray daemons and workers; polled) of itae-embed
    on each of --peak-sizes generated images (flat in the number of images is the goal);
 4. faiss k-means against sklearn KMeans on --kmeans-n x --kmeans-d synthetic vectors (a Gaussian
@@ -89,16 +90,31 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def embed_child(src: Path, model: Path, out: Path, workers: int, batch: int, shard: int) -> dict:
-    """itae-embed in a fresh process (its own local Ray); returns its timing and the process tree's peak RSS."""
-    code = ("import json, sys; from itae_export.collection_embed import EmbedRequest, embed; "
-            f"r = embed(EmbedRequest({str(src)!r}, {str(model)!r}, {str(out)!r}, workers={workers}, "
-            f"batch_size={batch}, shard_size={shard}, progress=False)); "
-            "print('RESULT', json.dumps({'embedded': r.embedded, 'failed': r.failed, 'seconds': r.seconds, "
-            "'images_per_s': r.images_per_s, **r.extra}))")
+CHILD = """
+import json, sys
+from pathlib import Path
+from itae_export.collection_embed import EmbedRequest, embed
+from itae_export.collection_ray import RaySettings, ray_session
+src, model, out, workers, batch, shard, warm = sys.argv[1:8]
+kw = dict(workers=int(workers), batch_size=int(batch), shard_size=int(shard), progress=False)
+with ray_session(RaySettings(workers=int(workers))):
+    if int(warm):  # start the workers and load the model once, so the timed run measures the steady state
+        files = sorted(Path(src).glob("*.jpg"))[: int(warm)]
+        Path(out + "-warm.txt").write_text("\\n".join(map(str, files)))
+        embed(EmbedRequest(out + "-warm.txt", model, out + "-warm", **kw))
+    r = embed(EmbedRequest(src, model, out, **kw))
+print("RESULT", json.dumps({"embedded": r.embedded, "failed": r.failed, "seconds": r.seconds,
+                            "images_per_s": r.images_per_s, **r.extra}))
+"""
+
+
+def embed_child(src: Path, model: Path, out: Path, workers: int, batch: int, shard: int, warm: int = 0) -> dict:
+    """itae-embed in a fresh process (its own local Ray; `warm` images embedded first, untimed); returns
+    the timed run's figures and the process tree's peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    argv = [sys.executable, "-c", CHILD, str(src), str(model), str(out), str(workers), str(batch), str(shard),
+            str(warm)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _tree_rss(proc.pid))
@@ -171,7 +187,7 @@ def run_embed_parts(a: argparse.Namespace, work: Path, skip: set[str]) -> dict:
         src = make_images(work / f"images-{a.images}", a.images, side)
         res["model_only"] = model_only(model, a.img_size, a.batch_size, a.images)
         res["itae_embed"] = embed_child(src, model, work / f"out-tp-{time.time_ns()}", a.workers, a.batch_size,
-                                        a.shard_size)
+                                        a.shard_size, warm=min(a.images, 4 * a.workers * a.batch_size))
         steady = res["itae_embed"].get("steady_images_per_s")
         res["ratio_end_to_end_over_model"] = steady / res["model_only"]["images_per_s"] if steady else None
     if "memory" not in skip:
