@@ -22,6 +22,7 @@ from .collection_model import CollectionModel, make_model_runner
 from .data import Preprocess
 from .errors import DataError, ItaeError
 
+TARGET_BLOCKS, MAX_BATCHES_PER_BLOCK = 1024, 64  # the driver holds one object per block
 DECODE_CPUS = 0.5  # a decoding task's CPU share; different from the actors', so Ray does not fuse the stages
 
 
@@ -67,10 +68,18 @@ def _package_path() -> str:
     return root + (os.pathsep + rest if rest else "")
 
 
-def _decoder(source: Source, pre: Preprocess, limits: Limits):
-    """The decoding task: rows {index, key} -> {index, key, pixels uint8 [B,S,S,3], error ('' = read)}."""
+def _decoder(source: Source, pre: Preprocess, limits: Limits, arrays=None):
+    """The decoding task: rows {index, key} -> {index, key, pixels uint8 [B,S,S,3], error ('' = read)}.
+    arrays: for an in-memory data set (itae-eval's CIFAR/STL arrays), an object ref of its uint8 images."""
     kind, location, column = source.kind, str(source.location), source.column
     size = pre.img_size
+
+    def one(j: int, key: str, cells, images):
+        if images is not None:
+            from PIL import Image
+
+            return Image.fromarray(np.asarray(images[j]))
+        return open_bytes_image(cells[j], key, limits) if cells is not None else open_file_image(key, limits)
 
     def decode(batch: dict) -> dict:
         index = np.asarray(batch["index"], dtype=np.int64)
@@ -78,10 +87,10 @@ def _decoder(source: Source, pre: Preprocess, limits: Limits):
         pixels = np.zeros((len(index), size, size, 3), dtype=np.uint8)
         errors = [""] * len(index)
         cells = read_parquet_cells(location, column, index.tolist()) if kind == "parquet-bytes" else None
+        images = _get(arrays)[index] if arrays is not None else None
         for j, key in enumerate(keys):
             try:
-                img = open_bytes_image(cells[j], key, limits) if cells is not None else open_file_image(key, limits)
-                pixels[j] = np.asarray(pre.crop_image(img))
+                pixels[j] = np.asarray(pre.crop_image(one(j, key, cells, images)))
             except DataError as e:
                 errors[j] = str(e)
             except Exception as e:  # noqa: BLE001 - a decoder bug in one image must not stop the run
@@ -90,6 +99,12 @@ def _decoder(source: Source, pre: Preprocess, limits: Limits):
                 "error": np.asarray(errors, dtype=object)}
 
     return decode
+
+
+def _get(ref):
+    import ray
+
+    return ray.get(ref)  # a numpy array from the object store: zero-copy, read-only
 
 
 class EmbedWorker:
@@ -119,8 +134,8 @@ class EmbedWorker:
 
 
 def _blocks(source: Source, todo: list[int], block_rows: int):
-    """The pending rows as Arrow blocks of `block_rows` aligned to absolute row numbers, so a resumed run
-    forms the same batches as an uninterrupted one."""
+    """The pending rows as Arrow blocks of `block_rows` (a multiple of the batch size) aligned to absolute
+    row numbers, so a resumed run forms the same batches as an uninterrupted one."""
     import pyarrow as pa
 
     idx = np.asarray(todo, dtype=np.int64)
@@ -131,8 +146,9 @@ def _blocks(source: Source, todo: list[int], block_rows: int):
 
 
 def run_pipeline(source: Source, todo: list[int], model: CollectionModel, pre: Preprocess, limits: Limits,
-                 settings: RaySettings) -> Iterator[dict]:
-    """Yield result batches {index, key, error, embedding} for the rows `todo`, in listing order."""
+                 settings: RaySettings, arrays=None) -> Iterator[dict]:
+    """Yield result batches {index, key, error, embedding} for the rows `todo`, in listing order.
+    arrays: see _decoder."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -142,8 +158,10 @@ def run_pipeline(source: Source, todo: list[int], model: CollectionModel, pre: P
     ctx.enable_progress_bars = False  # the driver's tqdm bar counts images
     threads = settings.threads_per_worker or max(1, (os.cpu_count() or 1) // settings.workers)
     gpu = settings.num_gpus_per_worker > 0
-    ds = ray.data.from_arrow(_blocks(source, todo, settings.batch_size))
-    ds = ds.map_batches(_decoder(source, pre, limits), batch_size=settings.batch_size, batch_format="numpy",
+    # a block per batch for small runs; for millions of images up to 64 batches a block (about 1k blocks)
+    per_block = min(MAX_BATCHES_PER_BLOCK, max(1, -(-len(todo) // (settings.batch_size * TARGET_BLOCKS))))
+    ds = ray.data.from_arrow(_blocks(source, todo, settings.batch_size * per_block))
+    ds = ds.map_batches(_decoder(source, pre, limits, arrays), batch_size=settings.batch_size, batch_format="numpy",
                         num_cpus=DECODE_CPUS)
     ds = ds.map_batches(EmbedWorker, fn_constructor_args=(model, pre, threads, gpu),
                         compute=ActorPoolStrategy(size=settings.workers), batch_size=settings.batch_size,

@@ -292,3 +292,38 @@ def test_package_names_embed_and_cluster_are_the_api_functions():
 
     assert callable(itae_export.embed) and callable(itae_export.cluster) and callable(file_digest)
     assert itae_export.embed.__module__ == "itae_export.api"
+
+
+# ------------------------------------------------------------------------------- itae-eval on Ray
+
+
+def test_itae_eval_runs_exported_backends_on_the_ray_pipeline(ray_local, exported, tmp_path, capsys, monkeypatch):
+    """--ray-workers: the ONNX backend's embeddings come from the Ray pipeline, equal to in-process ORT
+    (the in-memory digits go through the object store; an ImageFolder through its paths)."""
+    import json
+
+    import itae_export.collection_dataset as cd
+    from itae_export.cli.eval_cmd import eval_main
+    from itae_export.collection_dataset import dataset_model, ray_embed_dataset
+    from itae_export.collection_ray import RaySettings
+    from itae_export.data import Preprocess, load_dataset
+    from itae_export.embed import compute_embeddings, onnx_backend
+
+    base = exported("plain", "torchscript")
+    pre = Preprocess(img_size=56)
+    make_images(tmp_path / "folder", 3)
+    for ds in (load_dataset("digits").subset(24), load_dataset("imagefolder", tmp_path / "folder")):
+        ref, _ = compute_embeddings(onnx_backend(base), ds, pre, batch_size=8, progress=False)
+        got, _ = ray_embed_dataset(dataset_model(base, "onnxruntime", 56), ds, pre, RaySettings(workers=2, batch_size=8),
+                                   progress=False)
+        assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= 1e-5, ds.name
+    argv = ["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56", "--dataset", "digits", "--limit",
+            "40", "--no-progress", "--n-init", "2", "--onnx-baseline", str(base), "--ray-workers", "2", "--viz",
+            "0", "--report-dir", str(tmp_path / "report")]
+    calls = []
+    monkeypatch.setattr(cd, "ray_embed_dataset", lambda *a, **k: calls.append(a[0].path) or ray_embed_dataset(*a, **k))
+    assert eval_main(argv) == 0, capsys.readouterr().err
+    assert calls == [str(base)]  # the exported backend ran on Ray; the PyTorch ones in this process
+    r = json.loads((tmp_path / "report" / "report.json").read_text())
+    ag = r["agreement"]["onnxruntime-baseline vs torch-baseline"]
+    assert ag["cos_mean"] >= 0.99999 and ag["assignment_ari"] >= 0.99, ag
