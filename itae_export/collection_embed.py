@@ -3,6 +3,7 @@ into resumable Parquet shards (layout: itae_export.shards)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,14 +114,16 @@ def embed(req: EmbedRequest) -> EmbedResult:
     # same folder is refused at once (exit 6), and a new folder is removed again when the run fails early.
     with OutputTransaction(out / SUMMARY, extra=[out / FAILED], inputs=[Path(req.model), source.location],
                            force=True, flag="--out") as run_tx:
-        if not resume:
-            write_manifest(out, manifest, source.keys, [Path(req.model), source.location])
         total = n_shards(len(source), req.shard_size)
         done = {s for s in range(total) if shard_done(out, s, model.digest)}
         todo = [i for s in range(total) if s not in done
                 for i in range(s * req.shard_size, min(len(source), (s + 1) * req.shard_size))]
         t_run = time.perf_counter()
-        timing = _run(req, source, todo, model, pre, out) if todo else {}
+        # Ray first (a bad --address is refused before anything is written), then the manifest
+        with ray_session(req.ray_settings()) if todo else contextlib.nullcontext():
+            if not resume:
+                write_manifest(out, manifest, source.keys, [Path(req.model), source.location])
+            timing = _run(req, source, todo, model, pre, out) if todo else {}
         run_s = time.perf_counter() - t_run
         counts = _counts(out, total)
         summary = {"images": len(source), "embedded": counts[0], "failed": counts[1], "shards": total,
@@ -190,8 +193,7 @@ def _run(req: EmbedRequest, source: Source, todo: list[int], model: CollectionMo
     buffer = _ShardBuffer(out, source, req.shard_size, model.digest)
     limits = Limits(req.max_image_bytes, req.max_pixels, str(source.location) if source.kind == "folder" else None)
     t0, first, after = time.perf_counter(), None, 0
-    with ray_session(req.ray_settings()), tqdm(total=len(todo), desc="embedding", unit="img",
-                                               disable=not req.progress, smoothing=0.1) as bar:
+    with tqdm(total=len(todo), desc="embedding", unit="img", disable=not req.progress, smoothing=0.1) as bar:
         for batch in run_pipeline(source, todo, model, pre, limits, req.ray_settings()):
             buffer.add(batch)
             bar.update(len(batch["index"]))

@@ -20,7 +20,7 @@ import numpy as np
 from .collection import Limits, Source, open_bytes_image, open_file_image, read_parquet_cells
 from .collection_model import CollectionModel, make_model_runner
 from .data import Preprocess
-from .errors import DataError, ItaeError
+from .errors import DataError, ItaeError, UsageError
 
 TARGET_BLOCKS, MAX_BATCHES_PER_BLOCK = 1024, 64  # the driver holds one object per block
 DECODE_CPUS = 0.5  # a decoding task's CPU share; different from the actors', so Ray does not fuse the stages
@@ -48,7 +48,13 @@ def ray_session(settings: RaySettings) -> Iterator[None]:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
                     "logging_level": logging.WARNING}
     if settings.address:
-        ray.init(address=settings.address, **kwargs)
+        try:
+            ray.init(address=settings.address, **kwargs)
+        except ConnectionError as e:
+            raise UsageError(f"--address {settings.address}: no Ray cluster could be joined there "
+                             f"({str(e).splitlines()[0][:160]}); check that `ray status --address "
+                             f"{settings.address}` works from this machine (token authentication: Ray's "
+                             "RAY_AUTH_TOKEN settings)") from None
     else:
         cpus = settings.num_cpus or max(os.cpu_count() or 1, settings.workers + 1)
         ray.init(address="local", num_cpus=cpus, runtime_env={"env_vars": {"PYTHONPATH": _package_path()}},
