@@ -19,6 +19,7 @@ from .errors import DataError, MissingDependencyError
 from .safe_io import MAX_IMAGE_PIXELS, open_image_bytes_rgb, open_image_rgb, read_text_checked
 
 MAX_IMAGE_BYTES = 256 << 20  # an encoded image above this is refused before it is read
+MAX_ROW_GROUP_BYTES = 2 << 30  # an image-bytes Parquet row group is read whole by a decoding task
 KINDS = ("folder", "paths", "parquet-paths", "parquet-bytes")
 PATH_COLUMNS = ("path", "paths", "file", "filename", "url")
 BYTES_COLUMNS = ("image", "bytes", "image_bytes", "jpg", "png", "content")
@@ -125,6 +126,7 @@ def _parquet_source(p: Path, column: str | None) -> Source:
     text = [c for c in ([column] if column else PATH_COLUMNS) if c in names and
             (pa.types.is_string(names[c]) or pa.types.is_large_string(names[c]))]
     if binary:
+        check_row_groups(p, binary[0])
         n = pq.ParquetFile(p).metadata.num_rows
         keys = _row_keys(p, pq, names, n)
         return Source("parquet-bytes", p, keys, binary[0], list(range(n)))
@@ -183,20 +185,39 @@ def open_bytes_image(data: bytes | None, key: str, limits: Limits):
     return open_image_bytes_rgb(data, key, max_pixels=limits.max_pixels)
 
 
+_GROUP_CACHE: dict = {}  # per process: the last row group read, (path, column, group) -> cells
+
+
 def read_parquet_cells(path: str | Path, column: str, rows: list[int]) -> list[bytes | None]:
-    """The cells `rows` (sorted, contiguous or not) of a binary column, reading only the row groups
-    that hold them."""
+    """The cells `rows` of a binary column, reading only the row groups that hold them; the last group
+    read stays cached in the process, so consecutive batches of one group read it once."""
     _, pq = _pyarrow()
     pf = pq.ParquetFile(path)
     starts, acc = [], 0
     for g in range(pf.metadata.num_row_groups):
         starts.append(acc)
         acc += pf.metadata.row_group(g).num_rows
-    groups = sorted({_group_of(starts, r) for r in rows})
-    table = pf.read_row_groups(groups, columns=[column])
-    offset = {g: sum(pf.metadata.row_group(h).num_rows for h in groups[:i]) for i, g in enumerate(groups)}
-    cells = table.column(0)
-    return [cells[offset[_group_of(starts, r)] + r - starts[_group_of(starts, r)]].as_py() for r in rows]
+    out: list[bytes | None] = []
+    for r in rows:
+        g = _group_of(starts, r)
+        key = (str(path), column, g)
+        if key not in _GROUP_CACHE:
+            _GROUP_CACHE.clear()
+            _GROUP_CACHE[key] = pf.read_row_group(g, columns=[column]).column(0)
+        out.append(_GROUP_CACHE[key][r - starts[g]].as_py())
+    return out
+
+
+def check_row_groups(path: Path, column: str) -> None:
+    """Refuse row groups too big to read per batch (each decoding task holds one in memory)."""
+    _, pq = _pyarrow()
+    meta = pq.ParquetFile(path).metadata
+    for g in range(meta.num_row_groups):
+        size = meta.row_group(g).total_byte_size
+        if size > MAX_ROW_GROUP_BYTES:
+            raise DataError(f"SOURCE {path}: row group {g} holds {size} bytes of images, over the "
+                            f"{MAX_ROW_GROUP_BYTES}-byte limit a decoding task reads at once; rewrite it with "
+                            "smaller row groups (pyarrow.parquet.write_table(..., row_group_size=1000))")
 
 
 def _group_of(starts: list[int], row: int) -> int:

@@ -327,3 +327,15 @@ def test_itae_eval_runs_exported_backends_on_the_ray_pipeline(ray_local, exporte
     r = json.loads((tmp_path / "report" / "report.json").read_text())
     ag = r["agreement"]["onnxruntime-baseline vs torch-baseline"]
     assert ag["cos_mean"] >= 0.99999 and ag["assignment_ari"] >= 0.99, ag
+
+
+def test_image_parquet_with_huge_row_groups_is_refused(tmp_path, monkeypatch):
+    import itae_export.collection as col
+
+    paths = make_images(tmp_path / "src", 2)
+    pq.write_table(pa.table({"image": pa.array([p.read_bytes() for p in paths], pa.binary())}),
+                   tmp_path / "one-group.parquet")
+    assert len(col.list_source(tmp_path / "one-group.parquet")) == 4
+    monkeypatch.setattr(col, "MAX_ROW_GROUP_BYTES", 1000)
+    with pytest.raises(DataError, match=r"row group 0 holds \d+ bytes of images, over the 1000-byte limit"):
+        col.list_source(tmp_path / "one-group.parquet")
