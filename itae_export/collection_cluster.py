@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _label_file(p: Path) -> dict[str, str]:
         t = pq.read_table(p)
         if not {"path", "label"} <= set(t.column_names):
             raise UsageError(f"--labels {p} needs columns path and label; it has {', '.join(t.column_names)}")
-        pairs = zip(t.column("path").to_pylist(), t.column("label").to_pylist(), strict=True)
+        pairs: Iterable[tuple] = zip(t.column("path").to_pylist(), t.column("label").to_pylist(), strict=True)
     else:
         rows = [line.split("\t" if "\t" in line else ",", 1) for line in read_text_checked(p).splitlines()
                 if line.strip() and not line.startswith("#")]
@@ -170,7 +171,8 @@ def _write_assignments(tx: OutputTransaction, run: EmbeddingRun, model: Model, o
     import pyarrow.parquet as pq
 
     paths: list[str] = []
-    clusters, best = [], {}
+    clusters: list[np.ndarray] = []
+    best: dict[int, list[tuple[float, int, str]]] = {}
     writer = None
     for part in assign(run, model, opts.spherical):
         cols = {"path": pa.array(part["path"], pa.string()), "cluster": pa.array(part["cluster"], pa.int32()),

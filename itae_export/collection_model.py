@@ -113,7 +113,7 @@ def _sidecar_model(p: Path, backend: str, img_size: int | None) -> CollectionMod
     if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1):
         raise _not_artifact(p, f"sidecar {side.name} has img_size {recorded!r}, not a positive integer")
     size = _image_size(p, recorded, img_size)
-    export = data.get("export") if isinstance(data.get("export"), dict) else {}
+    export: dict = data["export"] if isinstance(data.get("export"), dict) else {}
     uint8 = data.get("input_format") == "uint8-nhwc" or export.get("uint8_nhwc_input") is not None
     fmt = "uint8-nhwc" if uint8 else "float32-nchw"
     files = (file_digest(p), file_digest(side))

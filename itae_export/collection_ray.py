@@ -92,7 +92,7 @@ def _decoder(source: Source, pre: Preprocess, limits: Limits, arrays=None):
         keys = [str(k) for k in batch["key"]]
         pixels = np.zeros((len(index), size, size, 3), dtype=np.uint8)
         errors = [""] * len(index)
-        cells = read_parquet_cells(location, column, index.tolist()) if kind == "parquet-bytes" else None
+        cells = read_parquet_cells(location, column or "", index.tolist()) if kind == "parquet-bytes" else None
         images = _get(arrays)[index] if arrays is not None else None
         for j, key in enumerate(keys):
             try:
@@ -166,7 +166,7 @@ def run_pipeline(source: Source, todo: list[int], model: CollectionModel, pre: P
     gpu = settings.num_gpus_per_worker > 0
     # a block per batch for small runs; for millions of images up to 64 batches a block (about 1k blocks)
     per_block = min(MAX_BATCHES_PER_BLOCK, max(1, -(-len(todo) // (settings.batch_size * TARGET_BLOCKS))))
-    ds = ray.data.from_arrow(_blocks(source, todo, settings.batch_size * per_block))
+    ds: ray.data.Dataset = ray.data.from_arrow(_blocks(source, todo, settings.batch_size * per_block))
     ds = ds.map_batches(_decoder(source, pre, limits, arrays), batch_size=settings.batch_size, batch_format="numpy",
                         num_cpus=DECODE_CPUS)
     ds = ds.map_batches(EmbedWorker, fn_constructor_args=(model, pre, threads, gpu),

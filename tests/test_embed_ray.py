@@ -82,8 +82,10 @@ def tree(d: Path) -> list[str]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_distributed_embeddings_equal_single_process_ort(ray_local, collection_models, tmp_path, workers):
     paths = make_images(tmp_path / "src", 7)
-    res = embed(EmbedRequest(tmp_path / "src", collection_models[0], tmp_path / "out", workers=workers,
-                             batch_size=4, shard_size=8, progress=False))
+    import itae_export
+
+    res = itae_export.embed(tmp_path / "src", collection_models[0], tmp_path / "out", workers=workers, batch_size=4,
+                            shard_size=8, progress=False)
     got_paths, emb, table = read_rows(tmp_path / "out")
     assert got_paths == [str(p) for p in paths]  # sorted listing, every row once
     assert table.column("index").to_pylist() == list(range(len(paths)))
@@ -93,6 +95,12 @@ def test_distributed_embeddings_equal_single_process_ort(ray_local, collection_m
     assert emb.shape == ref.shape and float(np.abs(emb - ref).max()) <= 1e-5
     assert res.embedded == len(paths) and res.failed == 0 and res.shards == 2
     assert pq.read_table(tmp_path / "out" / "failed.parquet").num_rows == 0
+    if workers == 2:  # the folder goes on to itae-cluster, through the package-level API
+        import itae_export
+
+        cl = itae_export.cluster(tmp_path / "out", tmp_path / "clusters", 2, labels="folders", progress=False)
+        assert cl.metrics["labelled"] == len(paths) and cl.metrics["classes"] == 2 and sum(cl.sizes) == len(paths)
+        assert (tmp_path / "clusters" / "index.html").is_file()
 
 
 def test_bad_images_are_listed_in_failed_parquet(ray_local, collection_models, tmp_path):
