@@ -177,3 +177,27 @@ def test_every_option_of_the_new_commands_has_help():
                    if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
         assert not missing, f"{parser.prog}: options without help: {missing}"
         assert "docs/collections.md" in parser.format_help()
+
+
+def test_labels_file_csv_tsv_and_parquet(collection, tmp_path):
+    run, paths, labels, _ = collection
+    names = [f"colour{c}" for c in labels]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{n}\n" for p, n in zip(paths, names, strict=True)))
+    tsv = tmp_path / "photos" / "labels.tsv"  # relative paths, relative to the file
+    tsv.write_text("".join(f"{Path(p).relative_to(tsv.parent)}\t{n}\n" for p, n in zip(paths[:12], names[:12], strict=True)))
+    pq.write_table(pa.table({"path": paths, "label": names}), tmp_path / "labels.parquet")
+    got = {}
+    for f in (csv, tsv, tmp_path / "labels.parquet"):
+        got[f.suffix] = cluster(ClusterRequest(run, tmp_path / f"o{f.suffix}", 3, labels=f, progress=False)).metrics
+    assert got[".csv"]["labelled"] == 30 and got[".csv"]["acc"] == 1.0 and got[".parquet"] == got[".csv"] | {
+        "labels": str(tmp_path / "labels.parquet")}
+    assert got[".tsv"]["labelled"] == 12
+    bad = tmp_path / "bad.csv"
+    bad.write_text("just-a-path\n")
+    with pytest.raises(UsageError, match="every line must be path,label"):
+        cluster(ClusterRequest(run, tmp_path / "o-bad", 3, labels=bad))
+    (tmp_path / "none.csv").write_text("/nowhere/x.png,a\n")
+    with pytest.raises(DataError, match="names none of the embedded images"):
+        cluster(ClusterRequest(run, tmp_path / "o-none", 3, labels=tmp_path / "none.csv", progress=False))
+    assert not (tmp_path / "o-bad").exists() and not (tmp_path / "o-none").exists()
