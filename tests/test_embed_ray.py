@@ -199,7 +199,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, collection
     pytest.importorskip("psutil")
     paths = make_images(tmp_path / "src", 20)
     out = tmp_path / "out"
-    killed: list[int] = []
+    killed: list[int] = []  # shards done when an actor was killed
 
     def killer():
         deadline = time.time() + 120
@@ -207,7 +207,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, collection
             workers = _embed_workers()
             if workers and (out / "shards" / "shard-00001.parquet").exists():
                 workers[0].kill()
-                killed.append(workers[0].pid)
+                killed.append(len(list((out / "shards").glob("shard-?????.parquet"))))
             time.sleep(0.01)
 
     t = threading.Thread(target=killer, daemon=True)
@@ -216,6 +216,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, collection
                              progress=False))
     t.join(5)
     assert killed, "no EmbedWorker actor was found to kill"
+    assert killed[0] < 20, f"the kill should land mid-run ({killed[0]} of 20 shards were done)"
     got, emb, _ = read_rows(out)
     assert got == [str(p) for p in paths] and res.embedded == 40 and res.failed == 0
     assert float(np.abs(emb - reference(collection_models[0], paths)).max()) <= 1e-5
