@@ -80,13 +80,25 @@ def _onnx_model(p: Path, img_size: int | None) -> CollectionModel:
         raise _not_artifact(p, str(e)) from None
     if meta.model is None and meta.img_size is None and meta.itae is None:
         raise _not_artifact(p, "its metadata has no itae_export entries")
-    size = _image_size(p, meta.img_size, img_size)
+    size = _image_size(p, meta.img_size, img_size, getattr(meta, "dynamic_size", None))
     fmt = "uint8-nhwc" if meta.input_format == "uint8-nhwc" else "float32-nchw"
     files = tuple(ident["files"])
     return CollectionModel(str(p), "onnxruntime", size, fmt, _combined(list(files)), meta.model, meta.itae, files)
 
 
-def _image_size(p: Path, recorded: int | None, given: int | None) -> int:
+def _within(size: int, bounds: dict | None) -> bool:
+    """A dynamic-size artifact's {"min", "max", "multiple"} bounds admit `size`."""
+    try:
+        return bounds is not None and bounds["min"] <= size <= bounds["max"] and size % bounds["multiple"] == 0
+    except (KeyError, TypeError, ZeroDivisionError):
+        return False
+
+
+def _image_size(p: Path, recorded: int | None, given: int | None, dynamic: dict | None = None) -> int:
+    """The preprocessing size: the recorded one, or --img-size where the artifact records none or takes
+    dynamic sizes that admit it."""
+    if given is not None and _within(given, dynamic):
+        return given
     if recorded is not None and given is not None and recorded != given:
         raise UsageError(f"--img-size {given} differs from the {recorded} px that --model {p} was exported for; "
                          "drop --img-size")

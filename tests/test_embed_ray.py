@@ -293,6 +293,12 @@ def test_model_suffixes_map_to_their_backends(tmp_path):
     assert (m.backend, m.img_size, m.name) == ("openvino", 112, "dinov2_vits14")
     with pytest.raises(UsageError, match="--img-size 56 differs from the 112 px"):
         resolve_model(xml, img_size=56)
+    from itae_export.collection_model import _image_size
+
+    bounds = {"min": 56, "max": 224, "multiple": 14}  # a dynamic-size artifact admits sizes within its bounds
+    assert _image_size(xml, 112, 168, bounds) == 168 and _image_size(xml, 112, None, bounds) == 112
+    with pytest.raises(UsageError, match="--img-size 170 differs"):
+        _image_size(xml, 112, 170, bounds)
 
 
 def test_package_names_embed_and_cluster_are_the_api_functions():
