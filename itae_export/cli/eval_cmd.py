@@ -522,7 +522,8 @@ def _on_ray(args, backends: list) -> None:
     if args.ray_workers < 0:
         raise UsageError(f"--ray-workers must be >= 0, got {args.ray_workers}")
     require_scale("itae-eval --ray-workers")
-    paths = {"onnxruntime-baseline": args.onnx_baseline, "onnxruntime-itae": args.onnx, "tensorrt-itae": args.engine}
+    paths = {"onnxruntime-baseline": args.onnx_baseline, "onnxruntime-itae": args.onnx, "tensorrt-itae": args.engine,
+             "openvino-itae": getattr(args, "openvino", None)}
     settings = RaySettings(workers=args.ray_workers, batch_size=args.batch_size)
     for be in backends:
         if be.name in paths:
