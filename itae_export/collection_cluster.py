@@ -143,7 +143,8 @@ def cluster(req: ClusterRequest) -> ClusterResult:
     k_top = opts.k[-1]
     sheets = [out / SHEET_NAME.format(c) for c in range(k_top)]
     with OutputTransaction(out / INDEX, extra=[out / ASSIGNMENTS, out / CENTROIDS, out / METRICS, *sheets],
-                           inputs=[*run.shards, *(other.shards if other else ())], force=req.force) as tx:
+                           inputs=[r.folder / "manifest.json" for r in (run, other) if r is not None],
+                           force=req.force) as tx:
         model = fit(run, opts)
         assignment, nearest = _write_assignments(tx, run, model, opts, req.sheet_images)
         metrics = _metrics(assignment, labels)
