@@ -53,7 +53,7 @@ def ray_embed_dataset(model: CollectionModel, dataset, preprocess, settings: Ray
     with ray_session(settings), tqdm(total=len(source), desc=f"{Path(model.path).name} (Ray)", unit="img",
                                      disable=not progress, leave=False) as bar:
         ref = ray.put(np.ascontiguousarray(arrays)) if arrays is not None else None
-        for batch in run_pipeline(source, list(range(len(source))), model, preprocess, Limits(), settings, ref):
+        for batch in run_pipeline(source, np.arange(len(source)), model, preprocess, Limits(), settings, ref):
             bad = [str(e) for e in batch["error"] if e]
             if bad:
                 raise DataError(f"{dataset.name}: {bad[0]}; itae-eval needs every image readable")

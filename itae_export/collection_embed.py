@@ -116,21 +116,21 @@ def embed(req: EmbedRequest) -> EmbedResult:
                            force=True, flag="--out") as run_tx:
         total = n_shards(len(source), req.shard_size)
         done = {s for s in range(total) if shard_done(out, s, model.digest)}
-        todo = [i for s in range(total) if s not in done
-                for i in range(s * req.shard_size, min(len(source), (s + 1) * req.shard_size))]
+        todo = np.concatenate([np.arange(s * req.shard_size, min(len(source), (s + 1) * req.shard_size))
+                               for s in range(total) if s not in done] or [np.zeros(0, np.int64)])
         t_run = time.perf_counter()
         # Ray first (a bad --address is refused before anything is written), then the manifest
-        with ray_session(req.ray_settings()) if todo else contextlib.nullcontext():
+        with ray_session(req.ray_settings()) if len(todo) else contextlib.nullcontext():
             if not resume:
                 write_manifest(out, manifest, source.keys, [Path(req.model), source.location])
-            timing = _run(req, source, todo, model, pre, out) if todo else {}
+            timing = _run(req, source, todo, model, pre, out) if len(todo) else {}
         run_s = time.perf_counter() - t_run
         counts = _counts(out, total)
         summary = {"images": len(source), "embedded": counts[0], "failed": counts[1], "shards": total,
                    "model_digest": model.digest}
         failed_path = write_summary(run_tx, out, summary)
     return EmbedResult(out, model, len(source), counts[0], counts[1], total, len(done),
-                       time.perf_counter() - t0, len(todo) / run_s if todo and run_s > 0 else None, failed_path,
+                       time.perf_counter() - t0, len(todo) / run_s if len(todo) and run_s > 0 else None, failed_path,
                        timing)
 
 
@@ -184,7 +184,7 @@ class _ShardBuffer:
                      "reason": [str(e) for e in errors[~ok]]})
 
 
-def _run(req: EmbedRequest, source: Source, todo: list[int], model: CollectionModel, pre: Preprocess,
+def _run(req: EmbedRequest, source: Source, todo: np.ndarray, model: CollectionModel, pre: Preprocess,
          out: Path) -> dict:
     """Run the pipeline over `todo`; returns its timing: startup_s (Ray and the actors, until the first
     result), steady_images_per_s (the images after the first result batch, per second)."""

@@ -139,7 +139,7 @@ class EmbedWorker:
         return {"index": batch["index"], "key": batch["key"], "error": batch["error"], "embedding": emb}
 
 
-def _blocks(source: Source, todo: list[int], block_rows: int):
+def _blocks(source: Source, todo: np.ndarray, block_rows: int):
     """The pending rows as Arrow blocks of `block_rows` (a multiple of the batch size) aligned to absolute
     row numbers, so a resumed run forms the same batches as an uninterrupted one."""
     import pyarrow as pa
@@ -151,7 +151,7 @@ def _blocks(source: Source, todo: list[int], block_rows: int):
             for part in np.split(idx, cuts)]
 
 
-def run_pipeline(source: Source, todo: list[int], model: CollectionModel, pre: Preprocess, limits: Limits,
+def run_pipeline(source: Source, todo: np.ndarray, model: CollectionModel, pre: Preprocess, limits: Limits,
                  settings: RaySettings, arrays=None) -> Iterator[dict]:
     """Yield result batches {index, key, error, embedding} for the rows `todo`, in listing order.
     arrays: see _decoder."""
