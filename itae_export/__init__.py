@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from graph_passes.config import ITAEConfig
 
-from .api import build_engine, deploy_triton, export, inspect, patch, validate
+# The submodules itae_export.embed and itae_export.cluster are imported first, so that the functions
+# embed() and cluster() bound next are what `itae_export.embed` / `itae_export.cluster` name;
+# `from itae_export.embed import ...` still reads the modules (from sys.modules).
+from . import cluster as _cluster_module  # noqa: F401
+from . import embed as _embed_module  # noqa: F401
+from .api import build_engine, cluster, deploy_triton, embed, export, inspect, patch, validate
 from .dynamic_size import SizeBounds
 from .errors import ItaeError
 from .graph_options import GraphOptions
@@ -21,4 +26,4 @@ from .results import ExportResult, Inspection, PatchResult
 __version__ = "0.2.0"
 
 __all__ = ["ExportResult", "GraphOptions", "ITAEConfig", "Inspection", "ItaeError", "PatchResult", "SizeBounds", "__version__",
-           "build_engine", "deploy_triton", "export", "inspect", "patch", "validate"]
+           "build_engine", "cluster", "deploy_triton", "embed", "export", "inspect", "patch", "validate"]

@@ -124,5 +124,28 @@ def deploy_triton(model_path: str | Path, triton: Any, *, graph_options: GraphOp
     return deploy(Path(model_path), triton, graph_options=graph_options)
 
 
-__all__ = ["ITAEConfig", "GraphOptions", "build_engine", "deploy_triton", "export", "inspect", "patch",
+def embed(source: str | Path | Any, model: str | Path | None = None, out: str | Path | None = None, **kwargs: Any):
+    """itae-embed as a function: embed an image collection (a folder, a text/Parquet file of paths or a
+    Parquet file of images) with an itae-export artifact on Ray Data, into resumable Parquet shards in
+    `out`. Pass an itae_export.collection_embed.EmbedRequest, or its fields as arguments; returns an
+    EmbedResult. Needs the [scale] extra."""
+    from .collection_embed import EmbedRequest
+    from .collection_embed import embed as run
+
+    req = source if isinstance(source, EmbedRequest) else EmbedRequest(source, model, out, **kwargs)  # type: ignore[arg-type]
+    return run(req)
+
+
+def cluster(embeddings: str | Path | Any, out: str | Path | None = None, k: Any = None, **kwargs: Any):
+    """itae-cluster as a function: faiss k-means over an itae-embed folder, with contact sheets and
+    index.html in `out`. Pass an itae_export.collection_cluster.ClusterRequest, or its fields as
+    arguments; returns a ClusterResult. Needs the [scale] extra."""
+    from .collection_cluster import ClusterRequest
+    from .collection_cluster import cluster as run
+
+    req = embeddings if isinstance(embeddings, ClusterRequest) else ClusterRequest(embeddings, out, k, **kwargs)  # type: ignore[arg-type]
+    return run(req)
+
+
+__all__ = ["ITAEConfig", "cluster", "embed", "GraphOptions", "build_engine", "deploy_triton", "export", "inspect", "patch",
            "require_torch", "validate"]

@@ -430,9 +430,15 @@ class Preprocess:
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """PIL image -> float32 [3, img_size, img_size], normalised."""
-        arr = np.asarray(self.crop_image(img), dtype=np.float32) / 255.0
+        return self.normalize(np.asarray(self.crop_image(img)))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB [..., H, W, 3] (crop_image's pixels) -> float32 [..., 3, H, W]: scale to [0, 1] and
+        normalise. __call__ is crop_image + normalize, so itae-embed can crop in its decoding tasks and
+        normalise a whole batch in the model's worker with the same numbers."""
+        arr = np.asarray(pixels, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return np.ascontiguousarray(np.moveaxis(arr, -1, -3))
 
     def denormalize(self, x: np.ndarray) -> np.ndarray:
         """float [3, H, W] normalised -> uint8 [H, W, 3] (for drawing)."""

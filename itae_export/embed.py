@@ -113,6 +113,9 @@ class Backend:
     run: Callable[[np.ndarray], np.ndarray]
     identity: dict = field(default_factory=dict)  # what the cache key needs beyond model/data/preprocessing
     itae: dict | None = None  # ITAE settings applied (None: baseline)
+    # (dataset, preprocess, progress) -> (embeddings, seconds): the whole data set at once, e.g. on Ray Data
+    # (itae-eval --ray-workers, collection_dataset.ray_bulk); None: batch by batch through run
+    bulk: Callable | None = None
 
 
 def _torch_run(module) -> Callable[[np.ndarray], np.ndarray]:
@@ -245,6 +248,8 @@ def compute_embeddings(
 
     from .data import iter_batches
 
+    if backend.bulk is not None:
+        return backend.bulk(dataset, preprocess, progress)
     out: list[np.ndarray] = []
     run_s = 0.0
     batches = iter_batches(dataset, preprocess, batch_size, progress=False, desc=backend.name, workers=workers)

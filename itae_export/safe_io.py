@@ -176,26 +176,41 @@ def open_image_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
                    formats: tuple[str, ...] = IMAGE_FORMATS) -> PILImage:
     """Decode an image file to RGB, refusing more than `max_pixels` pixels (checked from the header,
     before decoding), formats outside `formats`, and corrupt, truncated or empty files (DataError)."""
-    from PIL import Image
-
     p = Path(path)
     _regular_file(p, "image", 1 << 40, DataError)
+    return _decode_rgb(p, str(p), max_pixels, formats)
+
+
+def open_image_bytes_rgb(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                         formats: tuple[str, ...] = IMAGE_FORMATS) -> PILImage:
+    """open_image_rgb for an encoded image held in memory (a Parquet image-bytes cell); `name` is what
+    the messages call it."""
+    import io
+
+    if not data:
+        raise DataError(f"image {name} is empty (0 bytes); replace it with an intact copy")
+    return _decode_rgb(io.BytesIO(data), name, max_pixels, formats)
+
+
+def _decode_rgb(source, name: str, max_pixels: int, formats: tuple[str, ...]) -> PILImage:
+    from PIL import Image
+
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(p, formats=list(formats))
+            im = Image.open(source, formats=list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"image {p} is too large to decode safely ({_short(e)}); resize it") from None
+        raise DataError(f"image {name} is too large to decode safely ({_short(e)}); resize it") from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for garbage
-        raise DataError(f"image {p} is not a readable {'/'.join(formats)} image ({_short(e)}); replace it") from None
+        raise DataError(f"image {name} is not a readable {'/'.join(formats)} image ({_short(e)}); replace it") from None
     with im:
         w, h = im.size
         if w <= 0 or h <= 0 or w * h > max_pixels:
-            raise DataError(f"image {p} is {w}x{h} pixels, over the {max_pixels}-pixel limit; resize it")
+            raise DataError(f"image {name} is {w}x{h} pixels, over the {max_pixels}-pixel limit; resize it")
         try:
             return im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data
-            raise DataError(f"image {p} is corrupt or truncated ({_short(e)}); replace it") from None
+            raise DataError(f"image {name} is corrupt or truncated ({_short(e)}); replace it") from None
 
 
 # ---------------------------------------------------------------------------------------------- tensors

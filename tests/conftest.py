@@ -145,3 +145,18 @@ def marked_progress_bars(monkeypatch):
 
     monkeypatch.setattr(tqdm, "tqdm", Marked)
     return Marked
+
+
+@pytest.fixture(scope="session")
+def collection_models(tmp_path_factory):
+    """Two itae-export artifacts (ITAE applied, metadata recorded) of tiny random DINOv2-S models (depth 1,
+    56 px), seeds 0 and 1, for itae-embed / itae-cluster: {seed: path}."""
+    import itae_export
+
+    root = tmp_path_factory.mktemp("collection-models")
+    out = {}
+    for seed in (0, 1):
+        out[seed] = root / f"s{seed}.onnx"
+        itae_export.export("dinov2_vits14", out[seed], random_weights=True, seed=seed, depth=1, img_size=IMG,
+                           exporter="torchscript", validate=False)
+    return out

@@ -37,4 +37,16 @@ def validate_main(argv: Sequence[str] | None = None) -> int:
     return main(argv)
 
 
-__all__ = ["export_main", "inspect_main", "patch_main", "triton_main", "validate_main"]
+def embed_main(argv: Sequence[str] | None = None) -> int:
+    from .embed_cmd import embed_main as main
+
+    return main(argv)
+
+
+def cluster_main(argv: Sequence[str] | None = None) -> int:
+    from .cluster_cmd import cluster_main as main
+
+    return main(argv)
+
+
+__all__ = ["cluster_main", "embed_main", "export_main", "inspect_main", "patch_main", "triton_main", "validate_main"]

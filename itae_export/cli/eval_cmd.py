@@ -223,6 +223,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--ort-providers", default=None, help="comma-separated ONNX Runtime providers (default: CPU)"
     )
+    b.add_argument("--ray-workers", type=int, default=0, metavar="N",
+                   help="run the exported backends on itae-embed's Ray Data pipeline with N actors (needs the "
+                   "[scale] extra; docs/collections.md); 0: in this process")
     k = p.add_argument_group("k-means")
     k.add_argument(
         "--n-clusters", type=int, default=None, help="number of clusters (default: number of classes)"
@@ -530,7 +533,26 @@ def _make_backends(args, embedder, cfg, engine_facts: dict | None) -> tuple[list
         be = openvino_backend(args.openvino, name="openvino-itae", itae=cfg.to_dict())
         backends.append(be)
         compare_to[be.name] = "torch-itae"
+    if args.ray_workers:
+        _on_ray(args, backends)
     return backends, compare_to
+
+
+def _on_ray(args, backends: list) -> None:
+    """--ray-workers: the exported backends compute their embeddings on the Ray Data pipeline."""
+    from ..collection import require_scale
+    from ..collection_dataset import dataset_model, ray_bulk
+    from ..collection_ray import RaySettings
+
+    if args.ray_workers < 0:
+        raise UsageError(f"--ray-workers must be >= 0, got {args.ray_workers}")
+    require_scale("itae-eval --ray-workers")
+    paths = {"onnxruntime-baseline": args.onnx_baseline, "onnxruntime-itae": args.onnx, "tensorrt-itae": args.engine,
+             "openvino-itae": getattr(args, "openvino", None)}
+    settings = RaySettings(workers=args.ray_workers, batch_size=args.batch_size)
+    for be in backends:
+        if be.name in paths:
+            be.bulk = ray_bulk(dataset_model(paths[be.name], be.kind, args.img_size), settings)
 
 
 def _embed_and_cluster(args, backends: list, ds, pre, model_ident: dict, km_settings,
