@@ -103,6 +103,26 @@ def test_distributed_embeddings_equal_single_process_ort(ray_local, collection_m
         assert (tmp_path / "clusters" / "index.html").is_file()
 
 
+def test_openvino_ir_embeds_on_ray_like_its_single_process_runner(ray_local, tmp_path):
+    """An itae-export OpenVINO IR (fp32) as itae-embed's model: the actors' rows equal OpenVinoRunner
+    on the same preprocessing, one process, image by image."""
+    import itae_export
+    from itae_export.data import Preprocess
+    from itae_export.ov_runner import OpenVinoRunner
+    from itae_export.safe_io import open_image_rgb
+
+    xml = tmp_path / "m.xml"
+    itae_export.export("dinov2_vits14", xml, random_weights=True, seed=2, depth=1, img_size=56,
+                       exporter="torchscript", precision="fp32", validate_batch=2, fast_path_eval_images=20)
+    paths = make_images(tmp_path / "src", 3)
+    res = itae_export.embed(tmp_path / "src", xml, tmp_path / "out", workers=1, batch_size=4, progress=False)
+    got_paths, emb, _ = read_rows(tmp_path / "out")
+    runner, pre = OpenVinoRunner(xml), Preprocess(img_size=56)
+    ref = np.concatenate([runner.run(pre(open_image_rgb(p))[None]) for p in paths])
+    assert got_paths == [str(p) for p in paths] and res.embedded == len(paths)
+    assert float(np.abs(emb - ref).max()) <= 1e-5
+
+
 def test_bad_images_are_listed_in_failed_parquet(ray_local, collection_models, tmp_path):
     good = make_images(tmp_path / "src", 3)
     src = tmp_path / "src" / "cats"
