@@ -21,6 +21,7 @@ makes every output NaN (the Where gate) instead of a silently cropped result.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,18 @@ class SizeCheckResult:
 
 def gate_name(lo: int, hi: int, multiple: int) -> str:
     return f"{PREFIX}/height_and_width_must_be_multiples_of_{multiple}_from_{lo}_to_{hi}"
+
+
+_GATE = re.compile(PREFIX + r"/height_and_width_must_be_multiples_of_(\d+)_from_(\d+)_to_(\d+)")
+
+
+def parse_gate_name(text: str) -> tuple[int, int, int] | None:
+    """(min, max, multiple) of the gate_name found in `text` (e.g. a runtime's error), or None."""
+    m = _GATE.search(text)
+    if m is None:
+        return None
+    multiple, lo, hi = (int(g) for g in m.groups())
+    return lo, hi, multiple
 
 
 def _image_input(model: onnx.ModelProto, ix: GraphIndex) -> onnx.ValueInfoProto:

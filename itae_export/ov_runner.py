@@ -104,11 +104,10 @@ class OpenVinoRunner:
         if self.dynamic_size is not None and x.ndim == 4:
             # OpenVINO does not check Gather indices: the graph's size gate gives NaN; say why instead
             from .dynamic_size import SizeBounds
-            from .runtime import size_refusal
+            from .runtime import size_sentence
 
             b = SizeBounds.from_metadata(self.dynamic_size)
             if not b.contains(int(x.shape[2]), int(x.shape[3])):
-                gate = f"size_check/height_and_width_must_be_multiples_of_{b.multiple}_from_{b.min_size}_to_{b.max_size}"
-                raise UsageError(size_refusal(gate, x.shape) or gate)
+                raise UsageError(size_sentence(b.min_size, b.max_size, b.multiple, x.shape))
         res = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
         return np.array(res[self.output], dtype=np.float32, copy=True)

@@ -42,6 +42,7 @@ from .results import ExportResult, RunInfo
 from .settings import (
     EXPORTERS,
     MAX_VALIDATE_BATCH,
+    PATCH_SIZE,
     check_choice,
     check_exporter_opset,
     check_img_size,
@@ -122,9 +123,9 @@ class ExportRequest:
         cfg = self.itae
         if not self.is_engine or cfg is None or cfg.threshold is not None or cfg.relative_stat != "median":
             return
-        side = (self.dynamic_size.max_size if self.dynamic_size is not None else self.img_size) // 14
+        side = (self.dynamic_size.max_size if self.dynamic_size is not None else self.img_size) // PATCH_SIZE
         if side * side // 2 + 1 > TENSORRT_MAX_TOPK:
-            raise UsageError(f"the median threshold at {side * 14} px needs TopK with k = {side * side // 2 + 1}, above "
+            raise UsageError(f"the median threshold at {side * PATCH_SIZE} px needs TopK with k = {side * side // 2 + 1}, above "
                              f"TensorRT's limit of {TENSORRT_MAX_TOPK}; use --relative-stat mean, or a size up to 1218 px")
 
     def _check_outputs(self) -> None:

@@ -3,7 +3,6 @@ PyTorch, ONNX Runtime and TensorRT."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -58,18 +57,19 @@ class OrtRunner:
             raise UsageError(refusal) from None
 
 
-_GATE = re.compile(r"size_check/height_and_width_must_be_multiples_of_(\d+)_from_(\d+)_to_(\d+)")
-
-
 def size_refusal(message: str, shape: tuple[int, ...]) -> str | None:
     """The sentence for a dynamic-size graph's failed size check (graph_passes.size_check), or None
     when the runtime's error is something else."""
-    m = _GATE.search(message)
-    if m is None:
-        return None
-    mult, lo, hi = (int(g) for g in m.groups())
+    from graph_passes.size_check import parse_gate_name
+
+    bounds = parse_gate_name(message)
+    return size_sentence(*bounds, shape) if bounds is not None else None
+
+
+def size_sentence(lo: int, hi: int, multiple: int, shape: tuple[int, ...]) -> str:
+    """What a dynamic-size model takes, and what it got (x: [B, C, H, W])."""
     got = "x".join(str(d) for d in shape[2:]) if len(shape) == 4 else str(list(shape))
-    return (f"the model takes heights and widths that are multiples of {mult} from {lo} to {hi} pixels, got "
+    return (f"the model takes heights and widths that are multiples of {multiple} from {lo} to {hi} pixels, got "
             f"{got}; resize or crop the images to such a size")
 
 
