@@ -35,6 +35,7 @@ faster but is an explicit choice because its error is two orders of magnitude la
 from __future__ import annotations
 
 import logging
+import os
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -245,17 +246,41 @@ def quantize_int8(model, x_calib: np.ndarray, ignored: set[str]):
                          subset_size=len(x_calib))
 
 
+def _convert_pruned(ov, onnx_path: Path):
+    """ov.convert_model of the ITAE ONNX with the output-row pruning applied (graph_passes.output_rows:
+    the final block's projection, MLP and norm on the CLS row only; the same function): (ov.Model,
+    the ONNX proto it came from, the pass's record or None when the graph's tail does not allow it).
+    The pruned graph is written beside `onnx_path` (its external data resolves there) and removed."""
+    import onnx
+
+    from graph_passes.output_rows import OutputRowsError, prune_output_rows
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        pruned, res = prune_output_rows(proto)
+    except OutputRowsError as e:
+        log.info(f"  output-row pruning not applied: {e}")
+        return ov.convert_model(str(onnx_path)), proto, None
+    tmp = onnx_path.with_name(f".{onnx_path.stem}.output_rows.{os.getpid()}.onnx")
+    try:
+        onnx.save(pruned, str(tmp))
+        model = ov.convert_model(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info(f"  {res.summary()}")
+    return model, pruned, res.to_dict()
+
+
 def convert_to_ir(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, img_size: int) -> dict[str, Any]:
     """Write the IR (xml + bin) of `onnx_path` at `xml_out` for opts.precision; returns what was done."""
-    import onnx
 
     ov = import_openvino()
     t0 = time.perf_counter()
-    model = ov.convert_model(str(onnx_path))
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    model, proto, rows = _convert_pruned(ov, onnx_path)
     islands = f32_island_names(model, proto)
     keep = islands.bf16_keep
-    info: dict[str, Any] = {"convert_seconds": 0.0, "f32_layers": 0, "final_block_layers": len(islands.final_block)}
+    info: dict[str, Any] = {"convert_seconds": 0.0, "f32_layers": 0, "final_block_layers": len(islands.final_block),
+                            "output_rows": rows}
     if opts.precision == "int8":
         x = calibration_inputs(opts, img_size)
         tq = time.perf_counter()
