@@ -166,6 +166,14 @@ class Builder:
             return self.op(op_type, [x, self.const("axes", np.array(axes, dtype=np.int64))], hint, keepdims=keepdims)
         return self.op(op_type, [x], hint, axes=axes, keepdims=keepdims)
 
+    def insert_into(self, model: onnx.ModelProto) -> None:
+        """Add the emitted initializers and nodes to `model`, its nodes then sorted topologically."""
+        model.graph.initializer.extend(self.initializers)
+        available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+        nodes = toposort(list(model.graph.node) + self.nodes, available)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
     def slice_last(self, x: str, start: int, end: int | None = None, hint: str | None = None) -> str:
         stop = np.iinfo(np.int64).max if end is None else end
         return self.op(
@@ -178,6 +186,14 @@ class Builder:
             ],
             hint,
         )
+
+
+def op_counts(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
+    """How many nodes of each op type (a pass result's "inserted ops")."""
+    ops: dict[str, int] = {}
+    for n in nodes:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
 
 
 def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from .config import ITAEConfig, check_num_prefix_tokens
 from .decompose import decompose_final_attention
-from .graph import Builder, GraphIndex, infer_weight_free, toposort
+from .graph import Builder, GraphIndex, infer_weight_free
 from .match import (  # noqa: F401 - errors re-exported
     INSERTED_PREFIX,
     AlreadyPatchedError,
@@ -190,11 +190,7 @@ def _rewire(out: onnx.ModelProto, m: AttentionMatch, b: Builder, new_logits: str
             for i, name in enumerate(node.input):
                 if name == src:
                     node.input[i] = new_probs
-    out.graph.initializer.extend(b.initializers)
-    available = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
-    nodes = toposort(list(out.graph.node) + b.nodes, available)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
+    b.insert_into(out)
 
 
 def _record(out: onnx.ModelProto, settings: dict, prefix: int, metadata: dict[str, str] | None) -> None:

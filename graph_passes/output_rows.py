@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from .errors import PassError
-from .graph import Builder, GraphIndex, infer_weight_free, toposort
+from .graph import Builder, GraphIndex, infer_weight_free, op_counts
 
 PREFIX = "output_rows"
 # ops that act on each token row by itself (with constant operands broadcast along the last axis)
@@ -242,14 +242,7 @@ def _rewrite(model, gather, row, nodes, cuts, rejected, output) -> tuple[onnx.Mo
     keep = [v for v in out.graph.value_info if v.name not in produced]  # their token dim is now 1
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
-    out.graph.initializer.extend(b.initializers)
-    available = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
-    ordered = toposort(list(out.graph.node) + b.nodes, available)
-    del out.graph.node[:]
-    out.graph.node.extend(ordered)
-    ops: dict[str, int] = {}
-    for n in nodes:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return out, OutputRowsResult(output, row, ops, cuts, rejected)
+    b.insert_into(out)
+    return out, OutputRowsResult(output, row, op_counts(nodes), cuts, rejected)
 
 

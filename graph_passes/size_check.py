@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import PassError
-from .graph import Builder, GraphIndex, toposort
+from .graph import Builder, GraphIndex, op_counts
 
 PREFIX = "size_check"
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
@@ -153,12 +153,5 @@ def add_size_check(model: onnx.ModelProto, *, lo: int, hi: int, multiple: int) -
     for o in out.graph.output:
         if o.name == vi.name:
             raise SizeCheckError(f"input {vi.name!r} is also a graph output; cannot gate it")
-    out.graph.initializer.extend(b.initializers)
-    available = {i.name for i in out.graph.input} | {t.name for t in out.graph.initializer}
-    nodes = toposort(list(out.graph.node) + b.nodes, available)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    ops: dict[str, int] = {}
-    for n in b.nodes:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return out, SizeCheckResult(vi.name, {"min": lo, "max": hi, "multiple": multiple}, gate, ops)
+    b.insert_into(out)
+    return out, SizeCheckResult(vi.name, {"min": lo, "max": hi, "multiple": multiple}, gate, op_counts(b.nodes))
