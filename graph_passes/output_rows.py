@@ -173,10 +173,15 @@ def is_pruned(model: onnx.ModelProto) -> bool:
         sel = _row_selection(ix, out.name)
         if isinstance(sel, str):
             continue
-        nodes, cuts, _ = _region(ix, sel[0])
-        if cuts and all(_is_row_slice(ix, c) for c in cuts):
+        _, cuts, _ = _region(ix, sel[0])
+        if _cut_to_one_row(ix, cuts):
             return True
     return False
+
+
+def _cut_to_one_row(ix: GraphIndex, cuts: list[str]) -> bool:
+    """Every cut is already a one-row Slice of the token axis: the region was pruned before."""
+    return bool(cuts) and all(_is_row_slice(ix, c) for c in cuts)
 
 
 def _is_row_slice(ix: GraphIndex, name: str) -> bool:
@@ -205,7 +210,7 @@ def prune_output_rows(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OutputRo
             reasons.append(f"output {out.name!r}: the row-wise tail above its Gather has no matrix multiply to save"
                            + (f" ({'; '.join(rejected)})" if rejected else ""))
             continue
-        if all(_is_row_slice(ix, c) for c in cuts):
+        if _cut_to_one_row(ix, cuts):
             raise OutputRowsError(f"output {out.name!r} is computed on one row already; the graph was pruned before")
         why = _check_cuts(model, gather, row, cuts)
         if why is not None:

@@ -137,8 +137,8 @@ def test_int8_quantizes_but_leaves_itae_and_final_block(irs):
 
     final = final_block_nodes(onnx.load(str(xml.with_suffix(".onnx")), load_external_data=False))
     assert not consumers & final
-    # the patch embedding stays float: quantizing the pixels to 256 levels was the largest single error
-    # so do the patch embedding and the attention of the other blocks (fused bf16 attention)
+    # the patch embedding and the attention of the other blocks stay float too (FLOAT_TYPES_INT8), while
+    # the other blocks' projections and MLPs are quantized
     for kind in ovt.FLOAT_TYPES_INT8:
         ops = [o for o in model.get_ordered_ops() if o.get_type_name() == kind]
         assert ops, kind
