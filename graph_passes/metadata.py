@@ -38,6 +38,7 @@ FUSED_ATTENTION = "itae_export.fused_attention"  # JSON object: FusionResult.to_
 UINT8_NHWC_INPUT = "itae_export.uint8_nhwc_input"  # JSON object: Uint8InputResult (+ layout, dtype)
 L2_NORMALIZE = "itae_export.l2_normalize"  # JSON object: L2NormalizeResult
 DYNAMIC_SIZE = "itae_export.dynamic_size"  # JSON object {"min", "max", "multiple"}: H/W bounds in pixels
+OUTPUT_ROWS = "itae_export.output_rows"  # JSON object: OutputRowsResult (the tail computes the output row only)
 
 # legacy spelling -> canonical key (accepted when reading, replaced when writing)
 LEGACY_KEYS = {
@@ -61,6 +62,7 @@ KEY_TYPES = {
     UINT8_NHWC_INPUT: "json",
     L2_NORMALIZE: "json",
     DYNAMIC_SIZE: "json",
+    OUTPUT_ROWS: "json",
 }
 
 # ArtifactMetadata field -> key
@@ -79,6 +81,7 @@ FIELD_KEYS = {
     "uint8_nhwc_input": UINT8_NHWC_INPUT,
     "l2_normalize": L2_NORMALIZE,
     "dynamic_size": DYNAMIC_SIZE,
+    "output_rows": OUTPUT_ROWS,
 }
 
 
@@ -106,6 +109,7 @@ class ArtifactMetadata:
     uint8_nhwc_input: dict | None = None  # what add_uint8_nhwc_input recorded
     l2_normalize: dict | None = None  # what add_l2_normalize recorded
     dynamic_size: dict | None = None  # {"min", "max", "multiple"}: the H/W the graph takes (img_size: the optimum)
+    output_rows: dict | None = None  # what prune_output_rows recorded (the tail runs on the output row only)
     extra: dict[str, str] = field(default_factory=dict)  # every other key, verbatim
 
     def __post_init__(self) -> None:

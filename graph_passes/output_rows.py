@@ -23,12 +23,14 @@ and every consumer of its outputs is already in the region; the inputs the regio
 outside are the cuts. Candidates are refused with a reason (an output that is not a row
 selection, a region without a matrix multiply, a constant that is not row-broadcast). Rewrite:
 one Slice per cut, the region's inputs rewired to the slices, the Gather's index set to 0, stale
-shape annotations of the region's tensors dropped, then a toposort. A graph already pruned
-(every cut is such a Slice) is refused.
+shape annotations of the region's tensors dropped, then a toposort; the result is recorded in
+the model's metadata (itae_export.output_rows). A graph already pruned (every cut is such a Slice)
+is refused.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +38,7 @@ import onnx
 
 from .errors import PassError
 from .graph import Builder, GraphIndex, infer_weight_free, op_counts
+from .metadata import OUTPUT_ROWS, set_metadata_props
 
 PREFIX = "output_rows"
 # ops that act on each token row by itself (with constant operands broadcast along the last axis)
@@ -248,6 +251,8 @@ def _rewrite(model, gather, row, nodes, cuts, rejected, output) -> tuple[onnx.Mo
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
     b.insert_into(out)
-    return out, OutputRowsResult(output, row, op_counts(nodes), cuts, rejected)
+    res = OutputRowsResult(output, row, op_counts(nodes), cuts, rejected)
+    set_metadata_props(out, {OUTPUT_ROWS: json.dumps(res.to_dict(), sort_keys=True)})
+    return out, res
 
 

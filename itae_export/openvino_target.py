@@ -259,16 +259,24 @@ def quantize_int8(model, x_calib: np.ndarray, ignored: set[str]):
                          subset_size=len(x_calib))
 
 
-def _convert_pruned(ov, onnx_path: Path):
+def _convert_pruned(ov, onnx_path: Path, prune_rows: bool):
     """ov.convert_model of the ITAE ONNX with the output-row pruning applied (graph_passes.output_rows:
     the final block's projection, MLP and norm on the CLS row only; the same function): (ov.Model,
-    the ONNX proto it came from, the pass's record or None when the graph's tail does not allow it).
-    The pruned graph is written beside `onnx_path` (its external data resolves there) and removed."""
+    the ONNX proto it came from, the pass's record or None when the graph is left as it is). An ONNX
+    the export pipeline pruned already is converted as it is (its record read from its metadata);
+    an unpruned one is pruned into a file beside `onnx_path` (its external data resolves there),
+    removed after the conversion. prune_rows=False (--no-prune-rows) converts it as it is."""
     import onnx
 
-    from graph_passes.output_rows import OutputRowsError, prune_output_rows
+    from graph_passes.metadata import metadata_field
+    from graph_passes.output_rows import OutputRowsError, is_pruned, prune_output_rows
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
+    if is_pruned(proto):
+        record = metadata_field(proto, "output_rows")
+        return ov.convert_model(str(onnx_path)), proto, record if isinstance(record, dict) else {"pruned": True}
+    if not prune_rows:
+        return ov.convert_model(str(onnx_path)), proto, None
     try:
         pruned, res = prune_output_rows(proto)
     except OutputRowsError as e:
@@ -284,11 +292,13 @@ def _convert_pruned(ov, onnx_path: Path):
     return model, pruned, res.to_dict()
 
 
-def convert_to_ir(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, img_size: int) -> dict[str, Any]:
-    """Write the IR (xml + bin) of `onnx_path` at `xml_out` for opts.precision; returns what was done."""
+def convert_to_ir(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, img_size: int, *,
+                  prune_rows: bool = True) -> dict[str, Any]:
+    """Write the IR (xml + bin) of `onnx_path` at `xml_out` for opts.precision; returns what was done.
+    prune_rows: convert the output-row pruned graph (_convert_pruned)."""
     ov = import_openvino()
     t0 = time.perf_counter()
-    model, proto, rows = _convert_pruned(ov, onnx_path)
+    model, proto, rows = _convert_pruned(ov, onnx_path, prune_rows)
     islands = f32_island_names(model, proto)
     keep = islands.bf16_keep
     info: dict[str, Any] = {"convert_seconds": 0.0, "f32_layers": 0, "final_block_layers": len(islands.final_block),
@@ -383,7 +393,7 @@ def sidecar_record(xml_final: Path, staged_xml: Path, opts: OpenVinoOptions, run
 
 
 def build_ir_artifact(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, ref, run, txn, *,
-                      onnx_final: Path | None = None) -> dict[str, Any]:
+                      onnx_final: Path | None = None, prune_rows: bool = True) -> dict[str, Any]:
     """Convert the (staged) ITAE ONNX into the IR in `txn`'s staging folder, check it against the
     PyTorch reference `ref` (pipeline.Reference: validation and digits outputs) and stage its sidecar;
     ParityError below the gate (the caller's transactions then commit nothing). The caller commits."""
@@ -391,7 +401,7 @@ def build_ir_artifact(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, ref
     from .engine import write_sidecar
 
     staged = txn.stage_path(xml_out)
-    info = convert_to_ir(onnx_path, staged, opts, run.img_size)
+    info = convert_to_ir(onnx_path, staged, opts, run.img_size, prune_rows=prune_rows)
     report = ir_accuracy(staged, ref, opts.precision or DEFAULT_PRECISION)
     text = fp.format_report(report)
     check_gate(report, opts.precision or DEFAULT_PRECISION, xml_out)

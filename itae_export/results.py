@@ -25,6 +25,7 @@ class RunInfo:
     parity: dict = field(default_factory=dict)
     flagged: dict | None = None  # tokens flagged on the validation images and the CLS attention they got
     pass_result: Any = None  # graph_passes.itae.PassResult
+    output_rows: dict | None = None  # graph_passes.output_rows.OutputRowsResult.to_dict(); None: not pruned
     fast_path: dict | None = None
     openvino: dict | None = None  # the OpenVINO IR's summary (precision, sidecar, accuracy) for an .xml output
     reference_inputs: np.ndarray | None = field(default=None, repr=False)
@@ -45,6 +46,7 @@ class RunInfo:
             "parity_onnxruntime": self.parity,
             "flagged": self.flagged,
             "pass": self.pass_result.to_dict() if self.pass_result is not None else None,
+            "output_rows": self.output_rows,
             "fast_path": self.fast_path,
             "dynamic_size": self.dynamic_size,
             "parity_onnxruntime_by_size": self.parity_sizes,

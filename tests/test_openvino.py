@@ -148,9 +148,12 @@ def test_int8_quantizes_but_leaves_itae_and_final_block(irs):
 
 
 def test_ir_is_converted_from_the_output_row_pruned_graph(irs):
-    """The IR computes the final block's projection, MLP and norm on the CLS row only (the committed
-    .onnx is the unpruned ITAE graph): sidecar record, Slice layers of the pass, same embedding."""
+    """The IR computes the final block's projection, MLP and norm on the CLS row only, as the committed
+    .onnx does (the export pruned it before validating it): sidecar record equal to the ONNX metadata's,
+    Slice layers of the pass, same embedding."""
     import onnx
+
+    from graph_passes.metadata import read_metadata
 
     x = np.random.default_rng(5).standard_normal((2, 3, IMG, IMG)).astype(np.float32)
     for prec, res in irs.items():
@@ -163,7 +166,8 @@ def test_ir_is_converted_from_the_output_row_pruned_graph(irs):
                   if o.get_friendly_name().startswith("output_rows/") and "Slice" in o.get_type_name()]
         assert len(slices) == 2, prec
         committed = onnx.load(str(xml.with_suffix(".onnx")), load_external_data=False)
-        assert not any(n.name.startswith("output_rows/") for n in committed.graph.node)
+        assert sum(n.op_type == "Slice" and n.name.startswith("output_rows/") for n in committed.graph.node) == 2
+        assert read_metadata(committed).output_rows == rows == res.run.output_rows, prec
     y = _compile(irs["fp32"].request.out, {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
     np.testing.assert_allclose(y, OrtRunner(irs["fp32"].request.out.with_suffix(".onnx")).run(x), atol=1e-4)
 

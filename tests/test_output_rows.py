@@ -165,3 +165,59 @@ def test_exported_dinov2_itae_graph(variant, exported, images, tmp_path):
     x = images.numpy()
     run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {m.graph.input[0].name: x})[0]  # noqa: E731
     np.testing.assert_allclose(run(pruned), run(patched), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- in the export pipeline
+TINY = dict(random_weights=True, depth=2, img_size=56)
+
+
+def test_export_prunes_the_onnx_before_validating_it(tmp_path):
+    """itae-export prunes the staged ONNX before the parity check against PyTorch, so the committed
+    graph (and every artifact built from it) is the pruned one, proven like any export;
+    --no-prune-rows keeps the full tail. Both compute the same embedding."""
+    import itae_export
+    from graph_passes.metadata import read_metadata
+    from itae_export.cli import export_main
+    from itae_export.runtime import OrtRunner
+
+    res = itae_export.export("dinov2_vits14", tmp_path / "p.onnx", **TINY)
+    assert res.parity["cos_min"] > 0.99999 and res.parity["max_abs"] < 1e-4
+    rows = res.run.output_rows
+    assert rows is not None and rows["row"] == 0 and rows["region_ops"]["MatMul"] == 3, rows
+    pruned = onnx.load(str(tmp_path / "p.onnx"), load_external_data=False)
+    assert is_pruned(pruned) and read_metadata(pruned).output_rows == rows
+    assert sum(n.name.startswith("itae/") for n in pruned.graph.node) > 0  # ITAE is still there
+
+    assert export_main(["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56",
+                        "--no-prune-rows", "--out", str(tmp_path / "f.onnx")]) == 0
+    full = onnx.load(str(tmp_path / "f.onnx"), load_external_data=False)
+    assert not is_pruned(full) and read_metadata(full).output_rows is None
+    assert not any(n.name.startswith("output_rows/") for n in full.graph.node)
+    x = np.random.default_rng(3).standard_normal((3, 3, 56, 56)).astype(np.float32)
+    np.testing.assert_allclose(OrtRunner(tmp_path / "p.onnx").run(x), OrtRunner(tmp_path / "f.onnx").run(x),
+                               atol=1e-5, rtol=0)
+
+
+def test_graph_options_and_fast_path_on_the_pruned_graph(tmp_path):
+    """--l2-normalize and the uint8 input are added after the pruning (the output Gather is its
+    anchor), and the int8 fast path keeps the pruned final block out of quantization."""
+    import itae_export
+    from graph_passes.final_block import final_block_nodes
+    from graph_passes.metadata import read_metadata
+
+    res = itae_export.export("dinov2_vits14", tmp_path / "g.onnx", graph_options=itae_export.GraphOptions(
+        "uint8-nhwc", l2_normalize=True), **TINY)
+    g = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
+    meta = read_metadata(g)
+    assert meta.output_rows == res.run.output_rows and meta.l2_normalize and meta.uint8_nhwc_input
+    px = np.random.default_rng(1).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    y = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {g.graph.input[0].name: px})[0]
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), 1.0, atol=1e-5)
+
+    res = itae_export.export("dinov2_vits14", tmp_path / "q.onnx", fast_path="int8", **TINY)
+    q = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    assert read_metadata(q).output_rows == res.run.output_rows is not None
+    final = final_block_nodes(q)
+    assert any(n.startswith("output_rows/") for n in final)  # the slices belong to the final block
+    quantized = {n.name for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear")}
+    assert quantized and not quantized & final

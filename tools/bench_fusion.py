@@ -8,7 +8,11 @@ interleaved (round robin, one call of each variant per round), medians reported 
 fused/unfused and the cosine / max abs difference of the fused outputs to the unfused ones.
 Not a test: numbers depend on the machine and its load.
 
+With --rows, each variant also runs output-row pruned (graph_passes.output_rows, what itae-export
+applies by default: the final block's projection, MLP and norm on the CLS row only), "+rows".
+
     python tools/bench_fusion.py
+    python tools/bench_fusion.py --rows --no-int8
     python tools/bench_fusion.py --model dinov2_vits14 --depth 4 --img-size 112 --batch 2 --repeats 3
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     ap.add_argument("--no-int8", action="store_true", help="fp32 only")
+    ap.add_argument("--rows", action="store_true", help="also race every variant output-row pruned")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
 
@@ -92,11 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         n_mha = sum(n.op_type == "MultiHeadAttention" for n in q.graph.node)
         print(f"int8+fused graph keeps {n_mha} MultiHeadAttention nodes", flush=True)
     del graph, fused_graph
+    if args.rows:
+        from graph_passes.output_rows import prune_output_rows
+
+        for k in list(paths):
+            pruned, rows = prune_output_rows(onnx.load(str(paths[k]), load_external_data=False))
+            paths[f"{k}+rows"] = work / f"{paths[k].stem}.rows.onnx"
+            onnx.save_model(pruned, str(paths[f"{k}+rows"]))
+        print(f"rows: {rows.summary()}", flush=True)
 
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.img_size, args.img_size)).astype(np.float32)
     sessions = {k: _session(p, args.threads) for k, p in paths.items()}
     outs: dict[str, np.ndarray] = {}
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    load0 = os.getloadavg()[0]
     for r in range(args.repeats + 1):  # round 0 is the warm-up
         for k, s in sessions.items():
             time.sleep(0.2)
@@ -113,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": args.model, "depth": args.depth, "img_size": args.img_size, "batch": args.batch,
               "threads": args.threads, "exporter": args.exporter, "repeats": args.repeats,
               "fused_blocks": res.num_fused, "median_ms": med, "min_ms": {k: min(v) * 1e3 for k, v in times.items()}}
+    report["load_average"] = list(os.getloadavg())
     print(f"\n{args.model} depth={args.depth or 'full'} {args.img_size}px batch {args.batch}, "
-          f"{args.threads} threads, {args.repeats} interleaved rounds; fused {res.num_fused} blocks")
-    print(f"{'variant':<12} {'median ms':>10} {'min ms':>9}")
+          f"{args.threads} threads, {args.repeats} interleaved rounds; fused {res.num_fused} blocks; "
+          f"load average {load0:.2f} at the start, {report['load_average'][0]:.2f} at the end")
+    print(f"{'variant':<16} {'median ms':>10} {'min ms':>9}")
     for k in sessions:
-        print(f"{k:<12} {med[k]:>10.1f} {report['min_ms'][k]:>9.1f}")
+        print(f"{k:<16} {med[k]:>10.1f} {report['min_ms'][k]:>9.1f}")
     pairs = [("fp32+fused", "fp32")] + ([("int8+fused", "int8"), ("int8+fused", "fp32")] if "int8" in med else [])
+    pairs += [(f"{k}+rows", k) for k in list(med) if f"{k}+rows" in med]
     report["ratios"] = {}
     for a, b in pairs:
         ratio = med[a] / med[b]

@@ -55,6 +55,9 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-itae", action="store_true", help="export the unmodified baseline")
     g.add_argument("--validate-batch", type=int, default=4, help="random images used for the parity check")
     g.add_argument("--skip-validation", action="store_true", help="do not compare against PyTorch")
+    g.add_argument("--no-prune-rows", action="store_true",
+                   help="keep the final block's projection, MLP and norm on every token row (by default they run "
+                   "on the CLS row the embedding reads: the same function, less work; docs/design.md)")
     add_itae_args(p)
     g = p.add_argument_group(
         "fast CPU path (ONNX Runtime)",
@@ -103,7 +106,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         triton=triton_options_from_args(args), depth=args.depth,
         settings=Path(args.settings) if args.settings else None, demo_artifacts=args.demo_artifacts,
         dynamic_size=dynamic,
-        openvino=openvino_options_from_args(args, is_openvino),
+        openvino=openvino_options_from_args(args, is_openvino), prune_rows=not args.no_prune_rows,
     )
 
 
