@@ -47,7 +47,7 @@ from onnx import TensorProto, helper
 
 from .anchor import attention_layout, node_label
 from .detect import find_itae_site
-from .graph import GraphIndex, infer_weight_free, toposort
+from .graph import GraphIndex, infer_weight_free, remove_dead
 from .match import MatchError, match_attention_at
 
 PREFIX = "fuse_attention"
@@ -97,6 +97,10 @@ class _Plan:
     scale: float
     scale_on: list[str]
     dtype: int
+    qk_matmul: onnx.NodeProto  # the Q*K^T MatMul
+    q: str  # q [B,H,N,Dh] before its scale
+    k: str  # k [B,H,N,Dh] before its transpose and scale
+    s_qk: float  # the scale on q and k together (s_q * s_k); the logits' own scale is not in it
 
 
 # ----------------------------------------------------------------------------- shapes and values
@@ -406,7 +410,7 @@ def _plan(ix: GraphIndex, shapes: _Shapes, sm: onnx.NodeProto, n_sm: int) -> _Pl
     scale = s_q * s_k * s_logits
     if not np.isfinite(scale) or scale <= 0:
         raise FuseReject(f"combined scale {scale} is not a positive number")
-    return _Plan(sm, p, rs, h, dh, float(np.float32(scale)), scale_on, dtype)
+    return _Plan(sm, p, rs, h, dh, float(np.float32(scale)), scale_on, dtype, m.qk_matmul, q, k, s_q * s_k)
 
 
 def _touches_itae(ix: GraphIndex, sm: onnx.NodeProto) -> bool:
@@ -436,31 +440,41 @@ def fuse_attention(model: onnx.ModelProto, *, skip_final: bool = True) -> tuple[
         res.note = "nothing fused: the graph has no Softmax"
         return out, res
     ix = GraphIndex(out)
-    shapes = _Shapes(out)
-    layout = attention_layout(out, ix)
+    plans, res.rejected, res.kept_final = plan_attention_blocks(out, ix, skip_final=skip_final)
+    if plans:
+        _rewrite(out, ix, plans, res)
+    return out, res
+
+
+def plan_attention_blocks(model: onnx.ModelProto, ix: GraphIndex, *, skip_final: bool = True
+                          ) -> tuple[list[_Plan], list[tuple[str, str]], str | None]:
+    """The proven layout of every plain attention block, in graph order: (plans, rejected
+    (Softmax, reason), the final block's Softmax when skip_final left it out). Blocks that ITAE reads
+    or rewrites are rejected. Shared with graph_passes.k_transpose."""
+    shapes = _Shapes(model)
+    layout = attention_layout(model, ix)
     final = layout.final  # the block match_final_attention / ITAE take, found the same way
     plans: list[_Plan] = []
+    rejected: list[tuple[str, str]] = []
+    kept_final = None
     for v in reversed(layout.verdicts):  # graph order is topological: the final block comes first here
         sm, name = v.node, node_label(v.node)
         if not v.attention:
-            res.rejected.append((name, f"not an attention block: {v.reason}"))
+            rejected.append((name, f"not an attention block: {v.reason}"))
             continue
         if skip_final and final is not None and sm.output[0] == final.output[0]:
-            res.kept_final = name
+            kept_final = name
             continue
         if _touches_itae(ix, sm):
-            res.rejected.append((name, "ITAE nodes read or rewrite this attention; it stays as ITAE left it"))
+            rejected.append((name, "ITAE nodes read or rewrite this attention; it stays as ITAE left it"))
             continue
         try:
             plans.append(_plan(ix, shapes, sm, layout.num_blocks))
         except FuseReject as e:
-            res.rejected.append((name, str(e)))
+            rejected.append((name, str(e)))
     plans.reverse()
-    res.rejected.reverse()
-
-    if plans:
-        _rewrite(out, ix, plans, res)
-    return out, res
+    rejected.reverse()
+    return plans, rejected, kept_final
 
 
 def _rewrite(out: onnx.ModelProto, ix: GraphIndex, plans: list[_Plan], res: FusionResult) -> None:
@@ -478,6 +492,7 @@ def _rewrite(out: onnx.ModelProto, ix: GraphIndex, plans: list[_Plan], res: Fusi
         taken.add(n)
         return n
 
+    before = {i for n in g.node for i in n.input}
     for k, p in enumerate(plans):
         d = p.num_heads * p.head_dim
         tag = f"block{k}"
@@ -497,33 +512,10 @@ def _rewrite(out: onnx.ModelProto, ix: GraphIndex, plans: list[_Plan], res: Fusi
                           "head_dim": p.head_dim, "scale": p.scale, "scale_on": p.scale_on or ["none"],
                           "node": mha.name})
 
-    kept = [n for n in g.node if not (n.op_type == "Reshape" and n.output[0] in drop)] + new_nodes
-    kept = _live(kept, {o.name for o in g.output})
-    used = {i for n in kept for i in n.input}
-    before = {i for n in g.node for i in n.input}
-    inits = [t for t in g.initializer if t.name in used or t.name not in before] + new_inits
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    available = {i.name for i in g.input} | {t.name for t in g.initializer}
-    kept = toposort(kept, available)
+    kept = [n for n in g.node if not (n.op_type == "Reshape" and n.output[0] in drop)]
     del g.node[:]
-    g.node.extend(kept)
-    produced = {o for n in kept for o in n.output} | available
-    vi = [v for v in g.value_info if v.name in produced]
-    del g.value_info[:]
-    g.value_info.extend(vi)
+    g.node.extend(kept + new_nodes)
+    g.initializer.extend(new_inits)
+    remove_dead(out, read_before=before)
     if not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop nodes none of whose outputs reach a graph output."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    live, stack = set(), [producer[o] for o in outputs if o in producer]
-    while stack:
-        i = stack.pop()
-        if i in live:
-            continue
-        live.add(i)
-        stack.extend(producer[x] for x in nodes[i].input if x in producer)
-    return [n for i, n in enumerate(nodes) if i in live]

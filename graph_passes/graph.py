@@ -196,6 +196,41 @@ def op_counts(nodes: Iterable[onnx.NodeProto]) -> dict[str, int]:
     return ops
 
 
+def live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` without those none of whose outputs reach `outputs` (the graph outputs)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    live, stack = set(), [producer[o] for o in outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i in live:
+            continue
+        live.add(i)
+        stack.extend(producer[x] for x in _all_inputs(nodes[i]) if x in producer)
+    return [n for i, n in enumerate(nodes) if i in live]
+
+
+def remove_dead(model: onnx.ModelProto, read_before: set[str] | None = None) -> None:
+    """The graph cleanup after a rewrite, in place: nodes that no longer reach a graph output are
+    dropped, then the initializers only they read (an initializer nobody read before, named in
+    neither `read_before` nor a remaining node, is kept: it was not ours to drop), the value_info of
+    tensors that are gone, and the nodes are sorted topologically."""
+    g = model.graph
+    before = read_before if read_before is not None else {i for n in g.node for i in _all_inputs(n)}
+    kept = live_nodes(list(g.node), {o.name for o in g.output})
+    used = {i for n in kept for i in _all_inputs(n)}
+    inits = [t for t in g.initializer if t.name in used or t.name not in before]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    available = {i.name for i in g.input} | {t.name for t in g.initializer}
+    kept = toposort(kept, available)
+    del g.node[:]
+    g.node.extend(kept)
+    produced = {o for n in kept for o in n.output} | available
+    vi = [v for v in g.value_info if v.name in produced]
+    del g.value_info[:]
+    g.value_info.extend(vi)
+
+
 def toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """Stable Kahn sort: keeps the original order wherever dependencies allow."""
     produced_by: dict[str, int] = {}

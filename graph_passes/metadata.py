@@ -39,6 +39,7 @@ UINT8_NHWC_INPUT = "itae_export.uint8_nhwc_input"  # JSON object: Uint8InputResu
 L2_NORMALIZE = "itae_export.l2_normalize"  # JSON object: L2NormalizeResult
 DYNAMIC_SIZE = "itae_export.dynamic_size"  # JSON object {"min", "max", "multiple"}: H/W bounds in pixels
 OUTPUT_ROWS = "itae_export.output_rows"  # JSON object: OutputRowsResult (the tail computes the output row only)
+K_TRANSPOSE = "itae_export.k_transpose"  # JSON object: KTransposeResult (k^T as one Transpose, the scale on q)
 
 # legacy spelling -> canonical key (accepted when reading, replaced when writing)
 LEGACY_KEYS = {
@@ -63,6 +64,7 @@ KEY_TYPES = {
     L2_NORMALIZE: "json",
     DYNAMIC_SIZE: "json",
     OUTPUT_ROWS: "json",
+    K_TRANSPOSE: "json",
 }
 
 # ArtifactMetadata field -> key
@@ -82,6 +84,7 @@ FIELD_KEYS = {
     "l2_normalize": L2_NORMALIZE,
     "dynamic_size": DYNAMIC_SIZE,
     "output_rows": OUTPUT_ROWS,
+    "k_transpose": K_TRANSPOSE,
 }
 
 
@@ -110,6 +113,7 @@ class ArtifactMetadata:
     l2_normalize: dict | None = None  # what add_l2_normalize recorded
     dynamic_size: dict | None = None  # {"min", "max", "multiple"}: the H/W the graph takes (img_size: the optimum)
     output_rows: dict | None = None  # what prune_output_rows recorded (the tail runs on the output row only)
+    k_transpose: dict | None = None  # what canonical_k_transpose recorded
     extra: dict[str, str] = field(default_factory=dict)  # every other key, verbatim
 
     def __post_init__(self) -> None:

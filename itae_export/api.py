@@ -51,7 +51,7 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
            depth: int | None = None, settings: str | Path | None = None,
            demo_artifacts: bool = False, dynamic_size: Any = None, precision: str | None = None,
            calibration_data: str | Path | None = None, calibration_images: int | None = None,
-           prune_rows: bool = True) -> ExportResult:
+           optimize: bool = True) -> ExportResult:
     """Export `model` (a catalogue name, e.g. "dinov2_vitl14") to `out` (.onnx, or .engine/.plan)
     with ITAE in its final attention block (`itae=None`: the baseline), validated against PyTorch.
 
@@ -63,8 +63,8 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
     settings file (as itae-calibrate writes) to take the ITAE settings from when `itae` is not given.
     dynamic_size: an itae_export.SizeBounds (or True for the default 112-518 px) for one graph that
     takes any H x W within the bounds; `img_size` is then the size it is tuned and checked at first.
-    prune_rows=False keeps the final block's projection, MLP and norm on every token row (by default
-    they run on the CLS row only: the same embedding, less work).
+    optimize=False keeps the graph as exported and patched (by default graph_passes.optimize makes k^T
+    one Transpose and runs the final block's tail on the CLS row only: the same embedding, less work).
     """
     from .dynamic_size import SizeBounds
     from .errors import SettingsError
@@ -83,7 +83,7 @@ def export(model: str, out: str | Path, *, weights: str | Path | None = None, ra
         fast_path_eval_images=fast_path_eval_images, graph_options=graph_options or GraphOptions(),
         engine=engine, triton=triton, depth=depth, settings=Path(settings) if settings is not None else None,
         demo_artifacts=demo_artifacts, dynamic_size=SizeBounds() if dynamic_size is True else (dynamic_size or None),
-        openvino=_openvino_options(out, precision, calibration_data, calibration_images), prune_rows=prune_rows)
+        openvino=_openvino_options(out, precision, calibration_data, calibration_images), optimize=optimize)
     require_torch()
     return run_export(req)
 

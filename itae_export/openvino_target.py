@@ -32,10 +32,11 @@ Precisions
   are int8. The layers left in float are compiled with the bf16 hint where the CPU has bf16 (else
   f32), with ITAE, LayerNorm and Softmax kept f32.
 
-All three precisions are converted from the output-row-pruned graph (graph_passes.output_rows):
-the final block's projection, MLP and final norm run on the CLS row only, which removes three
-quarters of the final block's matrix-multiply work (the same function; the committed .onnx is the
-unpruned ITAE graph).
+All three precisions are converted from the graph with the export's exact optimizations
+(graph_passes.optimize, which the export applies to the committed .onnx too): k^T of the non-final
+attention blocks as one Transpose of k, which OpenVINO folds into its fused attention (no copy of
+k), and the final block's projection, MLP and final norm on the CLS row only, which removes three
+quarters of the final block's matrix-multiply work.
 
 Default precision (DEFAULT_PRECISION): bf16, the fastest one that meets the accurate-default
 targets (cosine >= 0.99999 on the validation images, flagged tokens identical to f32); int8 is
@@ -259,50 +260,45 @@ def quantize_int8(model, x_calib: np.ndarray, ignored: set[str]):
                          subset_size=len(x_calib))
 
 
-def _convert_pruned(ov, onnx_path: Path, prune_rows: bool):
-    """ov.convert_model of the ITAE ONNX with the output-row pruning applied (graph_passes.output_rows:
-    the final block's projection, MLP and norm on the CLS row only; the same function): (ov.Model,
-    the ONNX proto it came from, the pass's record or None when the graph is left as it is). An ONNX
-    the export pipeline pruned already is converted as it is (its record read from its metadata);
-    an unpruned one is pruned into a file beside `onnx_path` (its external data resolves there),
-    removed after the conversion. prune_rows=False (--no-prune-rows) converts it as it is."""
+def _convert_optimized(ov, onnx_path: Path, optimize: bool):
+    """ov.convert_model of the ITAE ONNX with the export's graph optimizations (graph_passes.optimize:
+    k^T as one Transpose, the final block's tail on the CLS row; the same function): (ov.Model, the
+    ONNX proto it came from, {pass: record}). An ONNX the export optimized already is converted as it
+    is (the records come from its metadata); otherwise the optimized graph is written beside
+    `onnx_path` (its external data resolves there) and removed after the conversion.
+    optimize=False (--no-optimize) converts the ONNX as it is."""
     import onnx
 
-    from graph_passes.metadata import metadata_field
-    from graph_passes.output_rows import OutputRowsError, is_pruned, prune_output_rows
+    from graph_passes.optimize import optimize as optimize_graph
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    if is_pruned(proto):
-        record = metadata_field(proto, "output_rows")
-        return ov.convert_model(str(onnx_path)), proto, record if isinstance(record, dict) else {"pruned": True}
-    if not prune_rows:
-        return ov.convert_model(str(onnx_path)), proto, None
+    if not optimize:
+        return ov.convert_model(str(onnx_path)), proto, {}
+    proto, res = optimize_graph(proto)
+    for line in res.summary().splitlines():
+        log.info(f"  {line}")
+    if not res.changed:
+        return ov.convert_model(str(onnx_path)), proto, res.records
+    tmp = onnx_path.with_name(f".{onnx_path.stem}.optimized.{os.getpid()}.onnx")
     try:
-        pruned, res = prune_output_rows(proto)
-    except OutputRowsError as e:
-        log.info(f"  output-row pruning not applied: {e}")
-        return ov.convert_model(str(onnx_path)), proto, None
-    tmp = onnx_path.with_name(f".{onnx_path.stem}.output_rows.{os.getpid()}.onnx")
-    try:
-        onnx.save(pruned, str(tmp))
+        onnx.save(proto, str(tmp))
         model = ov.convert_model(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
-    log.info(f"  {res.summary()}")
-    return model, pruned, res.to_dict()
+    return model, proto, res.records
 
 
 def convert_to_ir(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, img_size: int, *,
-                  prune_rows: bool = True) -> dict[str, Any]:
+                  optimize: bool = True) -> dict[str, Any]:
     """Write the IR (xml + bin) of `onnx_path` at `xml_out` for opts.precision; returns what was done.
-    prune_rows: convert the output-row pruned graph (_convert_pruned)."""
+    optimize: convert the graph with the export's optimizations (_convert_optimized)."""
     ov = import_openvino()
     t0 = time.perf_counter()
-    model, proto, rows = _convert_pruned(ov, onnx_path, prune_rows)
+    model, proto, rewrites = _convert_optimized(ov, onnx_path, optimize)
     islands = f32_island_names(model, proto)
     keep = islands.bf16_keep
     info: dict[str, Any] = {"convert_seconds": 0.0, "f32_layers": 0, "final_block_layers": len(islands.final_block),
-                            "output_rows": rows}
+                            "output_rows": rewrites.get("output_rows"), "k_transpose": rewrites.get("k_transpose")}
     if opts.precision == "int8":
         x = calibration_inputs(opts, img_size)
         tq = time.perf_counter()
@@ -393,7 +389,7 @@ def sidecar_record(xml_final: Path, staged_xml: Path, opts: OpenVinoOptions, run
 
 
 def build_ir_artifact(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, ref, run, txn, *,
-                      onnx_final: Path | None = None, prune_rows: bool = True) -> dict[str, Any]:
+                      onnx_final: Path | None = None, optimize: bool = True) -> dict[str, Any]:
     """Convert the (staged) ITAE ONNX into the IR in `txn`'s staging folder, check it against the
     PyTorch reference `ref` (pipeline.Reference: validation and digits outputs) and stage its sidecar;
     ParityError below the gate (the caller's transactions then commit nothing). The caller commits."""
@@ -401,7 +397,7 @@ def build_ir_artifact(onnx_path: Path, xml_out: Path, opts: OpenVinoOptions, ref
     from .engine import write_sidecar
 
     staged = txn.stage_path(xml_out)
-    info = convert_to_ir(onnx_path, staged, opts, run.img_size, prune_rows=prune_rows)
+    info = convert_to_ir(onnx_path, staged, opts, run.img_size, optimize=optimize)
     report = ir_accuracy(staged, ref, opts.precision or DEFAULT_PRECISION)
     text = fp.format_report(report)
     check_gate(report, opts.precision or DEFAULT_PRECISION, xml_out)

@@ -84,7 +84,7 @@ class ExportRequest:
     demo_artifacts: bool = False  # the synthetic demo model (itae_export.demo): random weights + planted artifacts
     dynamic_size: SizeBounds | None = None  # any H x W within these bounds in one graph (img_size: the optimum)
     openvino: Any = None  # OpenVinoOptions; defaults to OpenVinoOptions() for an .xml output
-    prune_rows: bool = True  # the final block's token-wise tail runs on the CLS row only (same function)
+    optimize: bool = True  # the exact graph optimizations after ITAE (graph_passes.optimize); --no-optimize
 
     def __post_init__(self) -> None:
         from .catalogue import CATALOGUE
@@ -113,8 +113,8 @@ class ExportRequest:
                              "--weights (or drop --demo-artifacts to export the real weights)")
         if self.weights is not None and self.random_weights:
             raise UsageError("--weights and --random-weights exclude each other; drop one")
-        if not isinstance(self.prune_rows, bool):
-            raise UsageError(f"prune_rows must be True or False, got {self.prune_rows!r}")
+        if not isinstance(self.optimize, bool):
+            raise UsageError(f"optimize must be True or False, got {self.optimize!r}")
         if self.itae is not None and not isinstance(self.itae, ITAEConfig):
             raise UsageError(f"itae must be an ITAEConfig or None, got {type(self.itae).__name__}")
         self._check_outputs()
@@ -349,28 +349,25 @@ def apply_pass(onnx_path: Path, req: ExportRequest, num_prefix: int):
     return result
 
 
-def prune_rows_step(onnx_path: Path, req: ExportRequest) -> dict | None:
-    """The output-row pruning pass (graph_passes.output_rows) on the staged ONNX, before it is
-    validated: the final block's projection, MLP and norm then run on the CLS row only, every
-    artifact built from the ONNX included. None (graph left as it is) for --no-prune-rows or when the
-    graph's tail does not allow it (logged with the pass's reason)."""
+def optimize_step(onnx_path: Path, req: ExportRequest) -> dict[str, dict]:
+    """The exact graph optimizations (graph_passes.optimize: k^T as one Transpose, the final block's
+    tail on the CLS row) on the staged ONNX, before it is validated, so the parity check covers them
+    and every artifact built from the ONNX has them. {pass: record}; {} for --no-optimize."""
     import onnx
 
-    from graph_passes.output_rows import OutputRowsError, prune_output_rows
+    from graph_passes.optimize import optimize
 
-    if not req.prune_rows:
-        log.info("      --no-prune-rows: the final block runs on every token row")
-        return None
+    if not req.optimize:
+        log.info("      --no-optimize: the graph stays as exported and patched")
+        return {}
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    try:
-        proto, res = prune_output_rows(proto)
-    except OutputRowsError as e:
-        log.info(f"      output-row pruning not applied: {e}")
-        return None
-    onnx.save_model(proto, str(onnx_path))
-    onnx.checker.check_model(str(onnx_path))
-    log.info(f"      {res.summary()}")
-    return res.to_dict()
+    proto, res = optimize(proto)
+    if res.changed:
+        onnx.save_model(proto, str(onnx_path))
+        onnx.checker.check_model(str(onnx_path))
+    for line in res.summary().splitlines():
+        log.info(f"      {line}")
+    return res.records
 
 
 def validate_graph(onnx_path: Path, ref: Reference, req: ExportRequest):
@@ -490,7 +487,7 @@ def openvino_step(req: ExportRequest, staged_onnx: Path, ref: Reference, run: Ru
     from .openvino_target import build_ir_artifact
 
     summary = build_ir_artifact(staged_onnx, req.out, req.openvino, ref, run, txn, onnx_final=req.onnx_out,
-                                prune_rows=req.prune_rows)
+                                optimize=req.optimize)
     log.info(f"      OpenVINO {summary['precision']} IR: {summary['report_text']}")
     return summary
 
@@ -541,7 +538,7 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction,
     del model
     release_memory()
     pass_result = apply_pass(staged, req, num_prefix)
-    rows = prune_rows_step(staged, req)
+    rewrites = optimize_step(staged, req)
     parity, flagged, parity_sizes = validate_graph(staged, ref, req)
     ref = apply_deploy_options(staged, ref, req)
     fp32_staged = txn.stage_path(req.fp32_out) if req.fp32_out is not None else None
@@ -553,7 +550,7 @@ def _onnx_phase(req: ExportRequest, txn: OutputTransaction,
                   parity=parity.to_dict() if parity is not None else {}, flagged=flagged,
                   dynamic_size=req.dynamic_size.to_metadata() if req.dynamic_size is not None else None,
                   parity_sizes=parity_sizes,
-                  pass_result=pass_result, output_rows=rows, fast_path=fast, reference_inputs=ref.inputs,
+                  pass_result=pass_result, optimizations=rewrites, fast_path=fast, reference_inputs=ref.inputs,
                   reference_outputs=ref.outputs,
                   reference_by_size={f"{h}x{w}": xy for (h, w), xy in ref.by_size.items()})
     if ov_txn is not None:  # built and gated before anything is committed

@@ -25,7 +25,7 @@ class RunInfo:
     parity: dict = field(default_factory=dict)
     flagged: dict | None = None  # tokens flagged on the validation images and the CLS attention they got
     pass_result: Any = None  # graph_passes.itae.PassResult
-    output_rows: dict | None = None  # graph_passes.output_rows.OutputRowsResult.to_dict(); None: not pruned
+    optimizations: dict = field(default_factory=dict)  # graph_passes.optimize: pass -> record ({}: none)
     fast_path: dict | None = None
     openvino: dict | None = None  # the OpenVINO IR's summary (precision, sidecar, accuracy) for an .xml output
     reference_inputs: np.ndarray | None = field(default=None, repr=False)
@@ -34,6 +34,11 @@ class RunInfo:
     parity_sizes: dict = field(default_factory=dict)  # "HxW" -> parity figures (dynamic-size exports)
     # "HxW" -> (inputs, PyTorch outputs) of each validated size of a dynamic-size export (float inputs)
     reference_by_size: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def output_rows(self) -> dict | None:
+        """What the output-row pruning recorded; None when the graph was not pruned."""
+        return self.optimizations.get("output_rows")
 
     def to_dict(self) -> dict[str, Any]:
         """The provenance record (no arrays) written into sidecars and Triton provenance files."""
@@ -46,7 +51,7 @@ class RunInfo:
             "parity_onnxruntime": self.parity,
             "flagged": self.flagged,
             "pass": self.pass_result.to_dict() if self.pass_result is not None else None,
-            "output_rows": self.output_rows,
+            "optimizations": self.optimizations,
             "fast_path": self.fast_path,
             "dynamic_size": self.dynamic_size,
             "parity_onnxruntime_by_size": self.parity_sizes,

@@ -172,9 +172,9 @@ TINY = dict(random_weights=True, depth=2, img_size=56)
 
 
 def test_export_prunes_the_onnx_before_validating_it(tmp_path):
-    """itae-export prunes the staged ONNX before the parity check against PyTorch, so the committed
-    graph (and every artifact built from it) is the pruned one, proven like any export;
-    --no-prune-rows keeps the full tail. Both compute the same embedding."""
+    """itae-export optimizes (prunes, k^T) the staged ONNX before the parity check against PyTorch,
+    so the committed graph (and every artifact built from it) is the optimized one, proven like any
+    export; --no-optimize keeps the graph as exported. Both compute the same embedding."""
     import itae_export
     from graph_passes.metadata import read_metadata
     from itae_export.cli import export_main
@@ -186,12 +186,15 @@ def test_export_prunes_the_onnx_before_validating_it(tmp_path):
     assert rows is not None and rows["row"] == 0 and rows["region_ops"]["MatMul"] == 3, rows
     pruned = onnx.load(str(tmp_path / "p.onnx"), load_external_data=False)
     assert is_pruned(pruned) and read_metadata(pruned).output_rows == rows
+    kt = res.run.optimizations["k_transpose"]  # the other optimization: the first block's k^T
+    assert kt["rewritten"] == 1 and read_metadata(pruned).k_transpose == kt
     assert sum(n.name.startswith("itae/") for n in pruned.graph.node) > 0  # ITAE is still there
 
     assert export_main(["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56",
-                        "--no-prune-rows", "--out", str(tmp_path / "f.onnx")]) == 0
+                        "--no-optimize", "--out", str(tmp_path / "f.onnx")]) == 0
     full = onnx.load(str(tmp_path / "f.onnx"), load_external_data=False)
     assert not is_pruned(full) and read_metadata(full).output_rows is None
+    assert read_metadata(full).k_transpose is None
     assert not any(n.name.startswith("output_rows/") for n in full.graph.node)
     x = np.random.default_rng(3).standard_normal((3, 3, 56, 56)).astype(np.float32)
     np.testing.assert_allclose(OrtRunner(tmp_path / "p.onnx").run(x), OrtRunner(tmp_path / "f.onnx").run(x),

@@ -40,11 +40,12 @@ def test_bench_smoke_with_fast_paths(tmp_path):
 def test_bench_fusion_tiny(tmp_path):
     out = tmp_path / "fusion.json"
     _run([str(TOOLS / "bench_fusion.py"), "--model", "dinov2_vits14", "--depth", "3", "--img-size", "56",
-          "--batch", "1", "--repeats", "1", "--rows", "--out", str(out)])
+          "--batch", "1", "--repeats", "1", "--rows", "--k-transpose", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["fused_blocks"] == 2
     assert rep["parity"]["fp32+fused~fp32"]["max_abs"] < 1e-4
-    base = {"fp32", "fp32+fused", "int8", "int8+fused"}
+    base = {"fp32", "fp32+fused", "int8", "int8+fused", "fp32+kt", "int8+kt"}
     assert set(rep["median_ms"]) == base | {f"{k}+rows" for k in base}
     assert rep["parity"]["fp32+rows~fp32"]["max_abs"] < 1e-5  # the pruning is exact
+    assert rep["parity"]["fp32+kt~fp32"]["max_abs"] < 1e-4  # k^T: the same up to rounding
     assert len(rep["load_average"]) == 3

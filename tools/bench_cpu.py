@@ -6,7 +6,7 @@ Paths (name: what runs):
     torch_fp32         PyTorch eager, the ITAE reference (fp32)
     torch_bf16         the same under torch.autocast(bfloat16)
     ort_fp32           ONNX Runtime, the ITAE ONNX
-    ort_int8           ONNX Runtime, our --fast-path int8 (dynamic int8, final block fp32, output-row pruned)
+    ort_int8           ONNX Runtime, our --fast-path int8 (dynamic int8, final block fp32, optimized graph)
     ov_fp32/bf16/int8  OpenVINO, our IR (itae-export --out *.xml --precision ...) with its compile_config
     peer_ov_bf16       OpenVINO on the plain ITAE ONNX with only INFERENCE_PRECISION_HINT=bf16
     peer_ov_int8       nncf.quantize defaults (TRANSFORMER, the same calibration images, itae/.* ignored),
@@ -149,14 +149,15 @@ def _peers(itae: Path, calib: np.ndarray, threads: int) -> tuple[dict[str, Calla
     return peers, seconds
 
 
-def _rows_pruned(onnx_path: Path) -> Path:
-    """The output-row pruned graph (what itae-export ships) beside `onnx_path`, sharing its external data."""
+def _as_shipped(onnx_path: Path) -> Path:
+    """The graph with the export's optimizations (graph_passes.optimize), as itae-export ships it,
+    beside `onnx_path` and sharing its external data."""
     import onnx
 
-    from graph_passes.output_rows import prune_output_rows
+    from graph_passes.optimize import optimize
 
-    out = onnx_path.with_name(f"{onnx_path.stem}.rows.onnx")
-    onnx.save_model(prune_output_rows(onnx.load(str(onnx_path), load_external_data=False))[0], str(out))
+    out = onnx_path.with_name(f"{onnx_path.stem}.optimized.onnx")
+    onnx.save_model(optimize(onnx.load(str(onnx_path), load_external_data=False))[0], str(out))
     return out
 
 
@@ -173,8 +174,8 @@ def build_paths(emb, ref, base: Path, itae: Path, args, threads: int, log) -> tu
     built: dict[str, float] = {}
     paths["ort_fp32"], paths["ort_fp32_noitae"] = _ort_callable(itae, threads), _ort_callable(base, threads)
     t = time.perf_counter()
-    # our int8 fast path as itae-export ships it: from the output-row pruned graph
-    q = quantize_int8(_rows_pruned(itae), itae.with_name(itae.stem + ".int8.onnx"))
+    # our int8 fast path as itae-export ships it: from the optimized graph
+    q = quantize_int8(_as_shipped(itae), itae.with_name(itae.stem + ".int8.onnx"))
     built["ort_int8_quantize_s"] = time.perf_counter() - t
     paths["ort_int8"] = _ort_callable(q, threads)
     for prec in ("fp32", "bf16", "int8"):

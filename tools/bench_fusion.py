@@ -10,6 +10,8 @@ Not a test: numbers depend on the machine and its load.
 
 With --rows, each variant also runs output-row pruned (graph_passes.output_rows, what itae-export
 applies by default: the final block's projection, MLP and norm on the CLS row only), "+rows".
+With --k-transpose, fp32 and int8 also run with k^T as one Transpose (graph_passes.k_transpose,
+also a default of itae-export), "+kt".
 
     python tools/bench_fusion.py
     python tools/bench_fusion.py --rows --no-int8
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     ap.add_argument("--no-int8", action="store_true", help="fp32 only")
     ap.add_argument("--rows", action="store_true", help="also race every variant output-row pruned")
+    ap.add_argument("--k-transpose", action="store_true", help="also race fp32 and int8 with k^T as one Transpose")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
 
@@ -97,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         q = onnx.load(str(paths["int8+fused"]), load_external_data=False)
         n_mha = sum(n.op_type == "MultiHeadAttention" for n in q.graph.node)
         print(f"int8+fused graph keeps {n_mha} MultiHeadAttention nodes", flush=True)
+    if args.k_transpose:
+        from graph_passes.k_transpose import canonical_k_transpose
+
+        kt_graph, kt = canonical_k_transpose(graph)
+        print(f"k_transpose: {kt.summary().splitlines()[0]}", flush=True)
+        paths["fp32+kt"] = work / "kt.onnx"
+        onnx.save_model(kt_graph, str(paths["fp32+kt"]))
+        if not args.no_int8:
+            paths["int8+kt"] = quantize_int8(paths["fp32+kt"], work / "int8_kt.onnx",
+                                             exclude=final_block_nodes(kt_graph))
     del graph, fused_graph
     if args.rows:
         from graph_passes.output_rows import prune_output_rows
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<16} {med[k]:>10.1f} {report['min_ms'][k]:>9.1f}")
     pairs = [("fp32+fused", "fp32")] + ([("int8+fused", "int8"), ("int8+fused", "fp32")] if "int8" in med else [])
     pairs += [(f"{k}+rows", k) for k in list(med) if f"{k}+rows" in med]
+    pairs += [(f"{k}+kt", k) for k in ("fp32", "int8") if f"{k}+kt" in med]
     report["ratios"] = {}
     for a, b in pairs:
         ratio = med[a] / med[b]

@@ -55,9 +55,10 @@ def export_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-itae", action="store_true", help="export the unmodified baseline")
     g.add_argument("--validate-batch", type=int, default=4, help="random images used for the parity check")
     g.add_argument("--skip-validation", action="store_true", help="do not compare against PyTorch")
-    g.add_argument("--no-prune-rows", action="store_true",
-                   help="keep the final block's projection, MLP and norm on every token row (by default they run "
-                   "on the CLS row the embedding reads: the same function, less work; docs/design.md)")
+    g.add_argument("--no-optimize", action="store_true",
+                   help="keep the graph as exported and ITAE-patched: by default k^T becomes one Transpose and the "
+                   "final block's projection, MLP and norm run on the CLS row only (the same function, less work; "
+                   "docs/performance.md)")
     add_itae_args(p)
     g = p.add_argument_group(
         "fast CPU path (ONNX Runtime)",
@@ -106,7 +107,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         triton=triton_options_from_args(args), depth=args.depth,
         settings=Path(args.settings) if args.settings else None, demo_artifacts=args.demo_artifacts,
         dynamic_size=dynamic,
-        openvino=openvino_options_from_args(args, is_openvino), prune_rows=not args.no_prune_rows,
+        openvino=openvino_options_from_args(args, is_openvino), optimize=not args.no_optimize,
     )
 
 
