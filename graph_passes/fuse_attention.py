@@ -508,7 +508,7 @@ def _rewrite(out: onnx.ModelProto, ix: GraphIndex, plans: list[_Plan], res: Fusi
         new_nodes += [split, mha]
         drop.add(p.context.output[0])
         res.inserted += [split.name, mha.name]
-        res.fused.append({"softmax": p.softmax.name or p.softmax.output[0], "num_heads": p.num_heads,
+        res.fused.append({"softmax": node_label(p.softmax), "num_heads": p.num_heads,
                           "head_dim": p.head_dim, "scale": p.scale, "scale_on": p.scale_on or ["none"],
                           "node": mha.name})
 

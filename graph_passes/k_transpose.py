@@ -14,7 +14,8 @@ rewritten as
 
 Runtimes fold a transpose of the last two axes into the matrix multiply (OpenVINO's MatMul
 transpose_b, its fused attention), so k^T is no longer copied, and one scale multiply goes away.
-ONNX Runtime and OpenVINO bf16 run ViT-L/14 3 to 6% faster with it (docs/performance.md).
+ONNX Runtime fp32 and OpenVINO with the bf16 hint alone ran ViT-L/14 4 to 6% faster with it; the
+bf16 IR with f32 islands did not gain (docs/performance.md).
 q*sqrt(s) times k*sqrt(s) equals q*s times k up to float rounding (measured max abs 2e-6 on ViT-L).
 
 Match and check: the layout of each attention block is proven by fuse_attention's planning
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .anchor import node_label
 from .fuse_attention import plan_attention_blocks
 from .graph import Builder, GraphIndex, remove_dead
 from .metadata import K_TRANSPOSE, set_metadata_props
@@ -79,14 +81,12 @@ def canonical_k_transpose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, KTra
     res = KTransposeResult(rejected=rejected, kept_final=kept_final)
     todo = []
     for p in plans:
-        name = p.softmax.name or p.softmax.output[0]
         if _is_single_transpose(ix, p.qk_matmul.input[1], p.k):
-            res.rejected.append((name, "k^T is already one Transpose of k"))
+            res.rejected.append((node_label(p.softmax), "k^T is already one Transpose of k"))
             continue
         todo.append(p)
     if not todo:
         return out, res
-    before = {i for n in out.graph.node for i in n.input}
     b = Builder(ix, PREFIX)
     rewire = {}
     for i, p in enumerate(todo):
@@ -95,13 +95,13 @@ def canonical_k_transpose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, KTra
         q = b.op("Mul", [p.q, scale], f"{tag}/q_scaled")
         k_t = b.op("Transpose", [p.k], f"{tag}/k_t", perm=[0, 1, 3, 2])
         rewire[p.qk_matmul.output[0]] = (q, k_t)
-        res.rewritten.append({"softmax": p.softmax.name or p.softmax.output[0], "scale": float(np.float32(p.s_qk)),
+        res.rewritten.append({"softmax": node_label(p.softmax), "scale": float(np.float32(p.s_qk)),
                               "num_heads": p.num_heads, "head_dim": p.head_dim})
     for node in out.graph.node:
         if node.op_type == "MatMul" and node.output[0] in rewire:
             node.input[0], node.input[1] = rewire[node.output[0]]
     res.inserted = [n.name for n in b.nodes]
     b.insert_into(out)
-    remove_dead(out, read_before=before)
+    remove_dead(out)  # the detour is still in the graph here, so its initializers count as read before
     set_metadata_props(out, {K_TRANSPOSE: json.dumps(res.to_dict(), sort_keys=True)})
     return out, res
