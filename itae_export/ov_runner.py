@@ -8,7 +8,6 @@ are refused)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,44 @@ def sidecar_path(xml_path: str | Path) -> Path:
 
 def read_sidecar(xml_path: str | Path) -> dict[str, Any] | None:
     """The JSON sidecar beside an IR (None when there is none); UsageError when it is not a JSON object."""
-    from .safe_io import read_text_checked
+    from .safe_io import read_json_object
 
     side = sidecar_path(xml_path)
     if not side.is_file():
         return None
-    try:
-        data = json.loads(read_text_checked(side, "OpenVINO sidecar", MAX_SIDECAR_BYTES))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"OpenVINO sidecar {side} is not valid JSON ({e}); re-export with itae-export") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"OpenVINO sidecar {side} must hold a JSON object; re-export with itae-export")
-    return data
+    return read_json_object(side, "OpenVINO sidecar", "re-export with itae-export", max_bytes=MAX_SIDECAR_BYTES)
+
+
+# The compile properties a sidecar may carry: what itae-export writes (openvino_target.compile_config) and the
+# CPU plugin's threading and scheduling properties a server tunes. Anything else (CACHE_DIR writes compiled
+# blobs to a folder of the file's choosing) is refused: the sidecar may come from anywhere.
+SIDECAR_PROPERTIES: dict[str, tuple[str, ...] | None] = {
+    "INFERENCE_PRECISION_HINT": ("f32", "bf16", "f16"),
+    "INFERENCE_NUM_THREADS": None, "COMPILATION_NUM_THREADS": None, "NUM_STREAMS": None,  # counts: digits
+    "PERFORMANCE_HINT": ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"),
+    "ENABLE_CPU_PINNING": ("YES", "NO"), "ENABLE_HYPER_THREADING": ("YES", "NO"),
+}
+
+
+def sidecar_compile_config(side: dict[str, Any], xml_path: str | Path) -> dict[str, str]:
+    """The sidecar's compile_config, checked: a JSON object whose keys are SIDECAR_PROPERTIES, each value
+    one of the allowed strings (counts: digits; NUM_STREAMS also AUTO). UsageError naming the sidecar
+    otherwise."""
+    config = side.get("compile_config") or {}
+    where = f"OpenVINO sidecar {sidecar_path(xml_path)}"
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: compile_config must be a JSON object of OpenVINO properties; re-export")
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        v = str(value)
+        allowed = SIDECAR_PROPERTIES.get(key, ())
+        ok = (v.isdigit() or (key == "NUM_STREAMS" and v == "AUTO")) if allowed is None else v in allowed
+        if not ok or not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise UsageError(f"{where}: compile_config {key}={value!r} is not a property itae-export accepts from "
+                             f"a sidecar (keys: {', '.join(SIDECAR_PROPERTIES)}); remove it, or pass the properties "
+                             "to OpenVinoRunner yourself")
+        out[key] = v
+    return out
 
 
 def check_ir_files(xml_path: str | Path, flag: str = "--openvino") -> tuple[Path, Path]:
@@ -85,7 +110,7 @@ class OpenVinoRunner:
         ov = import_openvino()
         xml, weights = check_ir_files(xml_path, flag)
         side = read_sidecar(xml) or {}
-        config = dict(side.get("compile_config") or {}) if compile_config is None else dict(compile_config)
+        config = sidecar_compile_config(side, xml) if compile_config is None else dict(compile_config)
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         core = ov.Core()

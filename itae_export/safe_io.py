@@ -169,6 +169,37 @@ def read_text_checked(path: str | Path, what: str = "text file", max_bytes: int 
         raise DataError(f"{what} {p} is not readable UTF-8 text ({_short(e)}); replace it") from None
 
 
+def read_json_object(path: str | Path, what: str, hint: str, *, err: type = UsageError,
+                     max_bytes: int = MAX_TEXT_BYTES) -> dict:
+    """The JSON object in a small file (a sidecar, a provenance record): a huge or undecodable file is a
+    DataError (read_text_checked); invalid JSON or another JSON value is `err` naming the file, then `hint`
+    (what to do)."""
+    import json
+
+    try:
+        data = json.loads(read_text_checked(path, what, max_bytes))
+    except json.JSONDecodeError as e:
+        raise err(f"{what} {path} is not valid JSON ({e}); {hint}") from None
+    if not isinstance(data, dict):
+        raise err(f"{what} {path} must hold a JSON object, not {type(data).__name__}; {hint}")
+    return data
+
+
+def sibling_file(folder: str | Path, name: object, what: str) -> Path:
+    """The file `name` in `folder`, where a sidecar names a file beside it: a plain file name (no folder
+    part, no '..', no drive), which (symlinks followed) stays in `folder`. UsageError otherwise: `what`
+    says which file named it."""
+    base = Path(folder)
+    bad = (not isinstance(name, str) or name.strip() in ("", ".", "..") or any(c in name for c in "/\\:\x00"))
+    if not bad:
+        target = (base / name).resolve()
+        bad = target.parent != base.resolve()
+    if bad:
+        raise UsageError(f"{what} names {name!r} as a file beside it, but that is not a plain file name in {base} "
+                         "(folders, '..' and links out of the folder are refused); re-export it")
+    return base / str(name)
+
+
 # ----------------------------------------------------------------------------------------------- images
 
 

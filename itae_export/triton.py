@@ -190,10 +190,9 @@ def read_engine_sidecar(path: Path) -> dict[str, Any]:
     "gpu" the compute capability. A sidecar may instead list the IO itself: {"inputs": [{"name",
     "dtype", "shape", optional "max_shape"}], "outputs": [...], "compute_capability", "max_batch"}.
     """
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DeployError(f"engine sidecar {path} is not readable JSON ({e}); rebuild the engine") from e
+    from .safe_io import read_json_object
+
+    data = read_json_object(path, "engine sidecar", "rebuild the engine", err=DeployError, max_bytes=4 << 20)
     gpu = data.get("gpu") if isinstance(data.get("gpu"), dict) else {}
     profile = data.get("batch_profile") or {}
     max_batch = data.get("max_batch")

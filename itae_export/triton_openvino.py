@@ -64,7 +64,7 @@ def ir_specs(xml: Path):
 
 def read_ir_source(src: Path, instance_kind: str, meta: dict[str, Any] | None, comments: list[str]) -> dict:
     """What triton._Source needs for an IR: its IO, sidecar, meta and the backend parameters."""
-    from .ov_runner import check_ir_files, read_sidecar, sidecar_path
+    from .ov_runner import check_ir_files, read_sidecar, sidecar_compile_config, sidecar_path
 
     if instance_kind != "KIND_CPU":
         raise UsageError(f"--instance-kind {instance_kind}: Triton's OpenVINO backend runs on the CPU only; use "
@@ -72,7 +72,7 @@ def read_ir_source(src: Path, instance_kind: str, meta: dict[str, Any] | None, c
     xml, _ = check_ir_files(src, "--triton-repo model")
     side = read_sidecar(xml)
     ins, outs = ir_specs(xml)
-    params = backend_parameters((side or {}).get("compile_config") or {})
+    params = backend_parameters(sidecar_compile_config(side or {}, xml))
     if side is not None:
         comments.append(f"OpenVINO IR, precision {side.get('precision')}, OpenVINO {side.get('openvino_version')}; "
                         f"compile_config {side.get('compile_config')}")

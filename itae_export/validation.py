@@ -272,15 +272,9 @@ def resolve_artifact(path: str | Path, flag: str = "ARTIFACT", *, precision: str
 
 
 def _read_json(path: Path, what: str) -> dict:
-    from .safe_io import read_text_checked
+    from .safe_io import read_json_object
 
-    try:
-        data = json.loads(read_text_checked(path, what))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{what} {path} is not valid JSON ({e}); rewrite or remove it") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, what, "rewrite or remove it")
 
 
 def _read_triton(p: Path, flag: str, precision: str | None) -> Artifact:
@@ -483,6 +477,7 @@ def _read_openvino(path: Path, flag: str) -> Artifact:
     """An OpenVINO IR from itae-export: its files checked, its facts from the sidecar and the source ONNX."""
     from .openvino_target import PRECISIONS
     from .ov_runner import check_ir_files, read_sidecar
+    from .safe_io import sibling_file
 
     check_ir_files(path, flag)
     side = read_sidecar(path)
@@ -493,8 +488,8 @@ def _read_openvino(path: Path, flag: str) -> Artifact:
     _fill_from(art, side)
     _fill_from(art, side.get("export") if isinstance(side.get("export"), dict) else None)
     art.has_metadata = art.model is not None
-    src = path.parent / str(side.get("onnx") or "")
-    if side.get("onnx") and src.is_file():
+    src = sibling_file(path.parent, side["onnx"], f"{flag} {path}: its sidecar") if side.get("onnx") else None
+    if src is not None and src.is_file():
         s = _read_onnx(src, "onnx", str(src), None, "the IR's source ONNX")
         for key in ("model", "img_size", "num_prefix_tokens", "weights", "weights_sha256", "depth", "input_name",
                     "flag_tensor"):
@@ -511,7 +506,7 @@ class _OpenVinoSubject:
     source ONNX's tensor name, which OpenVINO keeps)."""
 
     def __init__(self, art: Artifact, want_flags: bool):
-        from .ov_runner import import_openvino
+        from .ov_runner import import_openvino, sidecar_compile_config
 
         ov = import_openvino()
         core = ov.Core()
@@ -522,7 +517,7 @@ class _OpenVinoSubject:
                 model.add_outputs([art.flag_tensor])
             except RuntimeError:  # the tensor did not survive conversion: no flag check
                 self.flags = False
-        self.compiled = core.compile_model(model, "CPU", (art.sidecar or {}).get("compile_config") or {})
+        self.compiled = core.compile_model(model, "CPU", sidecar_compile_config(art.sidecar or {}, art.path))
         self.art = art
 
     def run(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray | None]:

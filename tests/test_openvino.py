@@ -276,3 +276,71 @@ def test_island_sets(irs):
     assert {n for n, t in types.items() if t in ("MVN", "Softmax")} <= islands.core  # every block's
     assert sum(types[n] == "MatMul" for n in islands.final_block) >= 4  # qkv, QK, PV, proj, fc1, fc2 (some fused)
     assert any(t == "MatMul" and n not in islands.bf16_keep for n, t in types.items())  # earlier blocks: bf16
+
+
+def _copy_ir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for suffix in (".xml", ".bin", ".xml.json", ".onnx"):
+        f = Path(str(src.with_suffix("")) + suffix)
+        if f.exists():
+            (dst / ("m" + suffix)).write_bytes(f.read_bytes())
+    return dst / "m.xml"
+
+
+def _edit_sidecar(xml: Path, **changes) -> None:
+    side_path = Path(str(xml) + ".json")
+    side = json.loads(side_path.read_text())
+    side.update(changes)
+    side_path.write_text(json.dumps(side))
+
+
+def test_sidecar_compile_config_is_allowlisted(irs, tmp_path, capsys):
+    """A sidecar may come from anywhere: a property outside the allowlist (CACHE_DIR would make OpenVINO
+    write compiled blobs to a folder of the file's choosing) or an unknown value is refused, by the
+    runner, itae-eval, itae-validate and the Triton writer alike, before anything is compiled or written."""
+    from itae_export.cli.eval_cmd import eval_main
+    from itae_export.ov_runner import OpenVinoRunner, sidecar_compile_config
+    from itae_export.triton import TritonOptions, deploy
+
+    xml = _copy_ir(irs["bf16"].request.out, tmp_path / "ir")
+    assert OpenVinoRunner(xml).compile_config == {"INFERENCE_PRECISION_HINT": "bf16"}
+    cache = tmp_path / "cache"
+    _edit_sidecar(xml, compile_config={"INFERENCE_PRECISION_HINT": "bf16", "CACHE_DIR": str(cache)})
+    with pytest.raises(UsageError, match="CACHE_DIR=.* is not a property itae-export accepts"):
+        OpenVinoRunner(xml)
+    with pytest.raises(UsageError, match="CACHE_DIR"):
+        itae_export.validate(xml, demo_artifacts=True, n_random=2)
+    with pytest.raises(UsageError, match="CACHE_DIR"):
+        deploy(xml, TritonOptions(repo=tmp_path / "repo", model_name="m"))
+    rc = eval_main(["dinov2_vits14", "--random-weights", "--depth", "2", "--img-size", "56", "--dataset", "digits",
+                    "--limit", "4", "--no-progress", "--report-dir", str(tmp_path / "report"), "--openvino", str(xml)])
+    assert rc == 2 and "CACHE_DIR" in capsys.readouterr().err
+    assert not cache.exists() and not (tmp_path / "repo").exists()
+    for bad in ({"INFERENCE_PRECISION_HINT": "int4"}, {"INFERENCE_NUM_THREADS": "-1"}, {"NUM_STREAMS": ["2"]},
+                {"ENABLE_CPU_PINNING": True}, "bf16"):
+        with pytest.raises(UsageError, match="compile_config"):
+            sidecar_compile_config({"compile_config": bad}, xml)
+    ok = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2, "NUM_STREAMS": "AUTO",
+          "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": "NO"}
+    assert sidecar_compile_config({"compile_config": ok}, xml) == {k: str(v) for k, v in ok.items()}
+    # an explicit config is the caller's own choice and is not checked against the sidecar's allowlist
+    assert OpenVinoRunner(xml, {"INFERENCE_PRECISION_HINT": "f32"}).compile_config == {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def test_sidecar_source_onnx_must_lie_beside_the_ir(irs, tmp_path):
+    """The sidecar names the ONNX the IR came from; itae-validate reads it only as a file beside the IR:
+    a path to a folder, '..' or a link out of the folder is refused, and nothing outside is read."""
+    xml = _copy_ir(irs["bf16"].request.out, tmp_path / "ir")
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((xml.parent / "m.onnx").read_bytes())
+    for name in ("../outside.onnx", str(outside), "sub/m.onnx", "..", "C:m.onnx"):
+        _edit_sidecar(xml, onnx=name)
+        with pytest.raises(UsageError, match="not a plain file name"):
+            itae_export.validate(xml, demo_artifacts=True, n_random=2)
+    (xml.parent / "link.onnx").symlink_to(outside)
+    _edit_sidecar(xml, onnx="link.onnx")
+    with pytest.raises(UsageError, match="links out of the folder are refused"):
+        itae_export.validate(xml, demo_artifacts=True, n_random=2)
+    _edit_sidecar(xml, onnx="m.onnx")
+    rep = itae_export.validate(xml, demo_artifacts=True, n_random=2)
+    assert rep and rep.kind == "openvino"

@@ -413,3 +413,36 @@ def test_load_onnx_checked_refuses_self_reference(tmp_path: Path) -> None:
     path = _external_model(tmp_path / "m", "m.onnx")
     with pytest.raises(UsageError, match="the .onnx file itself"):
         load_onnx_checked(path)
+
+
+def test_read_json_object_refusals(tmp_path):
+    from itae_export.errors import DataError, DeployError, UsageError
+    from itae_export.safe_io import read_json_object
+
+    f = tmp_path / "side.json"
+    f.write_text('{"a": 1}')
+    assert read_json_object(f, "sidecar", "re-export") == {"a": 1}
+    f.write_text("[1, 2]")
+    with pytest.raises(DeployError, match=r"side.json must hold a JSON object, not list; rebuild"):
+        read_json_object(f, "engine sidecar", "rebuild", err=DeployError)
+    f.write_text("{nope")
+    with pytest.raises(UsageError, match="is not valid JSON .*; re-export"):
+        read_json_object(f, "sidecar", "re-export")
+    f.write_text(" " * 2048 + "{}")
+    with pytest.raises(DataError, match="sidecar"):
+        read_json_object(f, "sidecar", "re-export", max_bytes=1024)
+
+
+def test_sibling_file_stays_beside(tmp_path):
+    from itae_export.errors import UsageError
+    from itae_export.safe_io import sibling_file
+
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert sibling_file(tmp_path, "m.onnx", "sidecar") == tmp_path / "m.onnx"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "link.onnx").symlink_to(tmp_path / "m.onnx")
+    for bad in ("", ".", "..", "../m.onnx", "sub/link.onnx", "a\\b", "/etc/passwd", "m\x00", 3, None):
+        with pytest.raises(UsageError, match="sidecar names"):
+            sibling_file(tmp_path, bad, "sidecar")
+    with pytest.raises(UsageError, match="links out of the folder"):
+        sibling_file(tmp_path / "sub", "link.onnx", "sidecar")
