@@ -18,7 +18,7 @@ from .errors import MissingDependencyError, ModelError, UsageError
 INSTALL_HINT = "pip install 'itae-export[openvino]' (the openvino and nncf wheels)"
 SIDECAR_SUFFIX = ".json"
 MAX_SIDECAR_BYTES = 4 << 20
-MAX_XML_HASH_BYTES = 64 << 20  # the graph file (weights are in the .bin): hashed to match its sidecar
+MAX_XML_BYTES = 64 << 20  # the graph file (weights are in the .bin); ViT-g/14's int8 IR is about 2 MB
 
 
 def import_openvino():
@@ -84,6 +84,9 @@ def check_ir_files(xml_path: str | Path, flag: str = "--openvino") -> tuple[Path
         raise UsageError(f"{flag} {xml}: give an OpenVINO IR .xml file (its weights in the .bin beside it)")
     if not xml.is_file():
         raise UsageError(f"{flag} {xml} does not exist; write one with itae-export MODEL --out {xml.name}")
+    if xml.stat().st_size > MAX_XML_BYTES:
+        raise UsageError(f"{flag} {xml} has {xml.stat().st_size} bytes, more than the {MAX_XML_BYTES >> 20} MB an IR "
+                         "graph file needs (its weights belong in the .bin); give the IR itae-export wrote")
     weights = xml.with_suffix(".bin")
     if not weights.is_file():
         raise UsageError(f"{flag} {xml}: its weights file {weights.name} is missing beside it; copy the .xml and "
@@ -93,7 +96,7 @@ def check_ir_files(xml_path: str | Path, flag: str = "--openvino") -> tuple[Path
     if isinstance(want, int) and weights.stat().st_size != want:
         raise ModelError(f"{flag} {xml}: {weights.name} has {weights.stat().st_size} bytes but the sidecar "
                          f"{sidecar_path(xml).name} records {want}: the .bin belongs to another export; re-export")
-    if isinstance(ir.get("xml_sha256"), str) and xml.stat().st_size <= MAX_XML_HASH_BYTES:
+    if isinstance(ir.get("xml_sha256"), str):
         from .hashing import sha256_file
 
         if sha256_file(xml) != ir["xml_sha256"]:

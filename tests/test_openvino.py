@@ -253,6 +253,12 @@ def test_ir_without_bin_refused(irs, tmp_path, capsys):
     (other / "m.xml").write_bytes(irs["fp32"].request.out.read_bytes())  # another export's graph
     with pytest.raises(itae_export.errors.ModelError, match="is not the .xml its sidecar"):
         OpenVinoRunner(other / "m.xml")
+    big = tmp_path / "big.xml"  # sized before anything reads it (a sparse file: no disk used)
+    with open(big, "wb") as f:
+        f.truncate((64 << 20) + 1)
+    (tmp_path / "big.bin").write_bytes(b"")
+    with pytest.raises(UsageError, match="more than the 64 MB an IR graph file needs"):
+        OpenVinoRunner(big)
 
 
 def test_itae_validate_reads_the_ir(irs, tmp_path):
