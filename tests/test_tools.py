@@ -34,7 +34,8 @@ def test_bench_smoke_with_fast_paths(tmp_path):
     # refuses to overwrite its report
     again = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--smoke", "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and "exists" in (again.stderr + again.stdout)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert again.stderr.strip().splitlines()[-1].startswith("bench.py: error: ") and "already exists" in again.stderr
 
 
 def test_bench_fusion_tiny(tmp_path):

@@ -97,4 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from itae_export.cli.common import run_tool
+
+    sys.exit(run_tool("bench_dynamic.py", main))

@@ -233,4 +233,6 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from itae_export.cli.common import run_tool
+
+    sys.exit(run_tool("bench_embed.py", main))

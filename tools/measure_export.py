@@ -119,4 +119,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from itae_export.cli.common import run_tool
+
+    sys.exit(run_tool("measure_export.py", main))

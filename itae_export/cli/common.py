@@ -133,6 +133,15 @@ def run_command(prog: str, parser: argparse.ArgumentParser, fn: Callable[[argpar
         logger.removeHandler(handler)
 
 
+def run_tool(prog: str, main: Callable[[], int | None]) -> int:
+    """A tools/ script's main() with the package's errors as one line on stderr and their exit code, as
+    run_command gives the CLIs (the script parses its own arguments)."""
+    try:
+        return int(main() or 0)
+    except ItaeError as e:
+        return _fail(prog, str(e), e.exit_code)
+
+
 def _fail(prog: str, message: str, code: int) -> int:
     text = " ".join(message.split()) if message else "failed"
     print(f"{prog}: error: {text}", file=sys.stderr)
