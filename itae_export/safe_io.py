@@ -192,8 +192,10 @@ def sibling_file(folder: str | Path, name: object, what: str) -> Path:
     base = Path(folder)
     bad = (not isinstance(name, str) or name.strip() in ("", ".", "..") or any(c in name for c in "/\\:\x00"))
     if not bad:
-        target = (base / name).resolve()
-        bad = target.parent != base.resolve()
+        try:
+            bad = (base / str(name)).resolve().parent != base.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            bad = True
     if bad:
         raise UsageError(f"{what} names {name!r} as a file beside it, but that is not a plain file name in {base} "
                          "(folders, '..' and links out of the folder are refused); re-export it")

@@ -446,3 +446,6 @@ def test_sibling_file_stays_beside(tmp_path):
             sibling_file(tmp_path, bad, "sidecar")
     with pytest.raises(UsageError, match="links out of the folder"):
         sibling_file(tmp_path / "sub", "link.onnx", "sidecar")
+    (tmp_path / "loop.onnx").symlink_to(tmp_path / "loop.onnx")
+    with pytest.raises(UsageError, match="sidecar names"):
+        sibling_file(tmp_path, "loop.onnx", "sidecar")

@@ -140,6 +140,8 @@ def run_tool(prog: str, main: Callable[[], int | None]) -> int:
         return int(main() or 0)
     except ItaeError as e:
         return _fail(prog, str(e), e.exit_code)
+    except PassError as e:
+        return _fail(prog, str(e), UsageError.exit_code)
 
 
 def _fail(prog: str, message: str, code: int) -> int:
