@@ -88,18 +88,14 @@ def canonical_k_transpose(model: onnx.ModelProto) -> tuple[onnx.ModelProto, KTra
     if not todo:
         return out, res
     b = Builder(ix, PREFIX)
-    rewire = {}
     for i, p in enumerate(todo):
         tag = f"block{i}"
         scale = b.const(f"{tag}/scale", np.array(p.s_qk, np.float32))
         q = b.op("Mul", [p.q, scale], f"{tag}/q_scaled")
         k_t = b.op("Transpose", [p.k], f"{tag}/k_t", perm=[0, 1, 3, 2])
-        rewire[p.qk_matmul.output[0]] = (q, k_t)
+        p.qk_matmul.input[0], p.qk_matmul.input[1] = q, k_t  # the plan's MatMul is a node of `out` itself
         res.rewritten.append({"softmax": node_label(p.softmax), "scale": float(np.float32(p.s_qk)),
                               "num_heads": p.num_heads, "head_dim": p.head_dim})
-    for node in out.graph.node:
-        if node.op_type == "MatMul" and node.output[0] in rewire:
-            node.input[0], node.input[1] = rewire[node.output[0]]
     res.inserted = [n.name for n in b.nodes]
     b.insert_into(out)
     remove_dead(out)  # the detour is still in the graph here, so its initializers count as read before
